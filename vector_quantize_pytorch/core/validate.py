@@ -78,7 +78,9 @@ def check_input(name: str, x, *, min_ndim: int = 2, max_ndim: int | None = None)
     if not torch.is_floating_point(x):
         raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
     if x.ndim < min_ndim or (max_ndim is not None and x.ndim > max_ndim):
-        allowed = f"{min_ndim}" if max_ndim == min_ndim else f"{min_ndim} to {max_ndim}" if max_ndim else f">= {min_ndim}"
+        allowed = (
+            f"{min_ndim}" if max_ndim == min_ndim else f"{min_ndim} to {max_ndim}" if max_ndim else f">= {min_ndim}"
+        )
         raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(x.shape)}")
     return x
 

@@ -1,0 +1,384 @@
+"""Codebook state: EMA statistics, k-means initialisation, dead-code expiry and affine reparameterisation.
+
+The module keeps the reference's buffer names (``initted``, ``cluster_size``, ``embed_avg``, ``embed`` and,
+with ``affine_param``, the codebook and batch moments) so that its checkpoints load with ``strict=True``.
+It holds state and updates it; the search, estimators and losses live in their own modules.
+
+EMA update (van den Oord et al. 2017, appendix; SoundStream), per codebook ``c`` and code ``k``::
+
+    n_k   <- decay * n_k   + (1 - decay) * #{i : z_i = k}
+    m_k   <- decay * m_k   + (1 - decay) * sum_{i : z_i = k} x_i
+    e_k    = m_k / ((n_k + eps) / (sum_j n_j + K * eps) * sum_j n_j)      (Laplace-smoothed counts)
+
+Rows that are masked out or hold a non-finite value never enter a statistic; a batch without a single valid
+row leaves every statistic and code untouched (no decay either). None of this reads a tensor on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed
+from .kmeans import cluster_statistics, kmeans, shuffled_valid_rows
+
+
+def laplace_smoothed(counts: Tensor, eps: float) -> Tensor:
+    """``(n_k + eps) / (sum n + K eps) * sum n``: every code keeps a small positive count.
+
+    Shape:
+        - counts: ``(c, K)``
+        - output: ``(c, K)``
+    """
+    total = counts.sum(dim=-1, keepdim=True)
+    return (counts + eps) / (total + counts.shape[-1] * eps) * total
+
+
+def valid_rows(flat: Tensor, mask: Tensor | None) -> Tensor:
+    """Rows that may update statistics: inside the mask and entirely finite.
+
+    Shape:
+        - flat: ``(c, N, d)``, mask: ``(c, N)`` bool or None
+        - output: ``(c, N)`` bool
+    """
+    finite = torch.isfinite(flat).all(dim=-1)
+    return finite if mask is None else finite & mask
+
+
+def zero_invalid(flat: Tensor, valid: Tensor) -> Tensor:
+    """Replace invalid rows by zeros so that ``0 * row`` cannot produce NaN."""
+    return torch.where(valid.unsqueeze(-1), flat, torch.zeros_like(flat))
+
+
+class Codebook(nn.Module):
+    """``num_codebooks`` codebooks of ``codebook_size`` codes of size ``dim``, with their statistics.
+
+    Args:
+        dim: code dimension ``d``.
+        codebook_size: number of codes ``K``.
+        num_codebooks: number of independent codebooks ``c`` (one per head with separate codebooks).
+        kmeans_init: start from zeros and initialise by k-means on the first training batch.
+        kmeans_iters: k-means iterations.
+        sync_kmeans: when distributed, run k-means on the batches of all ranks.
+        decay: EMA decay of the counts and sums.
+        eps: Laplace smoothing constant.
+        threshold_ema_dead_code: codes whose EMA count falls below this are replaced by batch vectors (0: off).
+        reset_cluster_size: count given to a replaced code (default: the threshold).
+        learnable_codebook: the codes are an ``nn.Parameter`` trained by gradients.
+        ema_update: update codes from the EMA statistics.
+        manual_ema_update: track the statistics but let the caller call :meth:`update_ema`.
+        use_cosine_sim: codes live on the unit sphere.
+        affine_param: vqtorch's running-statistics affine reparameterisation of the codes.
+        sync_codebook: all-reduce the statistics across ranks (None: whenever distributed, decided per call).
+
+    Shape:
+        - embed: ``(c, K, d)``; cluster_size: ``(c, K)``; embed_avg: ``(c, K, d)``
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_codebooks: int = 1,
+        *,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0.0,
+        reset_cluster_size: float | None = None,
+        learnable_codebook: bool = False,
+        ema_update: bool = True,
+        manual_ema_update: bool = False,
+        use_cosine_sim: bool = False,
+        affine_param: bool = False,
+        sync_affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
+        sync_codebook: bool | None = None,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.sync_kmeans = sync_kmeans
+        self.decay = decay
+        self.eps = eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
+        self.learnable_codebook = learnable_codebook
+        self.ema_update = ema_update
+        self.manual_ema_update = manual_ema_update
+        self.use_cosine_sim = use_cosine_sim
+        self.affine_param = affine_param
+        self.sync_affine_param = sync_affine_param
+        self.affine_param_batch_decay = affine_param_batch_decay
+        self.affine_param_codebook_decay = affine_param_codebook_decay
+        self.sync_codebook = sync_codebook
+
+        embed = self._initial_codes()
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        if learnable_codebook:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+
+        # statistics accumulated by `accum_ema_update=True` calls, folded into the next update
+        self.register_buffer("accum_cluster_size", torch.zeros(num_codebooks, codebook_size), persistent=False)
+        self.register_buffer("accum_embed_sum", torch.zeros_like(embed), persistent=False)
+
+        if affine_param:
+            self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
+            self.register_buffer("codebook_mean", torch.zeros(num_codebooks, 1, dim))
+            self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
+            self.register_buffer("codebook_variance", torch.ones(num_codebooks, 1, dim))
+            self.register_buffer("batch_mean", torch.zeros(num_codebooks, 1, dim))
+            self.register_buffer("batch_variance", torch.ones(num_codebooks, 1, dim))
+            self.register_buffer("batch_stats_need_init", torch.tensor(True), persistent=False)
+
+        self._initted_on_host: bool | None = None
+
+    def _initial_codes(self) -> Tensor:
+        shape = (self.num_codebooks, self.codebook_size, self.dim)
+        if self.kmeans_init:
+            return torch.zeros(shape)
+        embed = nn.init.kaiming_uniform_(torch.empty(shape))
+        return F.normalize(embed, dim=-1) if self.use_cosine_sim else embed
+
+    @property
+    def has_dead_code_replacement(self) -> bool:
+        return self.threshold_ema_dead_code > 0
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._initted_on_host = None
+        if self.affine_param:
+            # the reference creates its batch moments on the first training step; a checkpoint saved before
+            # that has none, and then ours keep their "not yet initialised" values
+            has_batch_stats = f"{prefix}batch_mean" in state_dict
+            for name in ("batch_mean", "batch_variance"):
+                state_dict.setdefault(f"{prefix}{name}", getattr(self, name).clone())
+            self.batch_stats_need_init.fill_(not has_batch_stats)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ----------------------------------------------------------------- k-means initialisation
+
+    def needs_kmeans_init(self) -> bool:
+        """Whether the next training batch must initialise the codes. Reads the ``initted`` buffer on the
+        host once, then remembers the answer (a loaded checkpoint makes it read again)."""
+        if not self.kmeans_init:
+            return False
+        if self._initted_on_host is None:
+            self._initted_on_host = bool(self.initted.item())
+        return not self._initted_on_host
+
+    @torch.no_grad()
+    def kmeans_init_(self, flat: Tensor, valid: Tensor) -> None:
+        """Initialise codes, counts and sums by k-means on the valid rows of ``flat`` ``(c, N, d)``."""
+        sync = self.sync_codebook if self.sync_kmeans else False
+        means, counts = kmeans(
+            zero_invalid(flat, valid),
+            self.codebook_size,
+            self.kmeans_iters,
+            valid=valid,
+            cosine=self.use_cosine_sim,
+            sync=sync,
+        )
+        total_valid = distributed.all_reduce_sum_(valid.sum(dim=-1).float(), sync=sync)
+        ok = (total_valid > 0).all()
+        self.embed_avg.copy_(torch.where(ok, means * counts.unsqueeze(-1), self.embed_avg))
+        self.cluster_size.copy_(torch.where(ok, counts, self.cluster_size))
+        self.embed.data.copy_(torch.where(ok, self._ema_codes(), self.embed.data))
+        self.initted.copy_(ok)
+        self._initted_on_host = None
+
+    # ----------------------------------------------------------------- affine reparameterisation
+
+    def _batch_moments(self, flat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sync = self.sync_codebook if self.sync_affine_param else False
+        weights = valid.to(flat.dtype).unsqueeze(-1)
+        count = distributed.all_reduce_sum_(weights.sum(dim=1, keepdim=True), sync=sync)
+        mean = distributed.all_reduce_sum_((flat * weights).sum(dim=1, keepdim=True), sync=sync) / count.clamp(min=1)
+        sq = ((flat - mean).pow(2) * weights).sum(dim=1, keepdim=True)
+        variance = distributed.all_reduce_sum_(sq, sync=sync) / count.clamp(min=1)
+        return mean, variance, count > 0
+
+    @torch.no_grad()
+    def update_affine_statistics_(self, flat: Tensor, valid: Tensor) -> None:
+        """EMA of the codebook's and of the batch's per-dimension mean and variance (training only)."""
+        codes = self.embed.detach()
+        self._ema_moment_("codebook_mean", codes.mean(dim=1, keepdim=True), self.codebook_mean_needs_init, None)
+        self._ema_moment_(
+            "codebook_variance", codes.var(dim=1, unbiased=False, keepdim=True), self.codebook_variance_needs_init, None
+        )
+        self.codebook_mean_needs_init.fill_(False)
+        self.codebook_variance_needs_init.fill_(False)
+
+        mean, variance, has_rows = self._batch_moments(zero_invalid(flat, valid), valid)
+        self._ema_moment_("batch_mean", mean, self.batch_stats_need_init, has_rows)
+        self._ema_moment_("batch_variance", variance, self.batch_stats_need_init, has_rows)
+        self.batch_stats_need_init.copy_(self.batch_stats_need_init & ~has_rows.all())
+
+    def _ema_moment_(self, name: str, new: Tensor, needs_init: Tensor, has_rows: Tensor | None) -> None:
+        old = getattr(self, name)
+        decay = self.affine_param_codebook_decay if name.startswith("codebook") else self.affine_param_batch_decay
+        value = torch.where(needs_init, new, old * decay + new * (1 - decay))
+        if has_rows is not None:
+            value = torch.where(has_rows, value, old)
+        old.copy_(value)
+
+    def _affine_scales(self) -> tuple[Tensor, Tensor]:
+        codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
+        batch_std = self.batch_variance.clamp(min=1e-5).sqrt()
+        return codebook_std, batch_std
+
+    def affine_codes(self, codes: Tensor) -> Tensor:
+        """Codes moved to the batch's moments: what the inputs are matched against."""
+        codebook_std, batch_std = self._affine_scales()
+        return (codes - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
+
+    def affine_inputs(self, flat: Tensor) -> Tensor:
+        """Inputs moved to the codebook's moments: what the EMA statistics accumulate."""
+        codebook_std, batch_std = self._affine_scales()
+        return (flat - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
+
+    # ----------------------------------------------------------------- EMA statistics
+
+    def _ema_codes(self) -> Tensor:
+        codes = self.embed_avg / laplace_smoothed(self.cluster_size, self.eps).unsqueeze(-1)
+        return F.normalize(codes, dim=-1) if self.use_cosine_sim else codes
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Set the codes to the EMA sums divided by the Laplace-smoothed EMA counts."""
+        self.embed.data.copy_(self._ema_codes())
+
+    def _ema_weight(self, weight, embed_sum: Tensor, counts: Tensor) -> Tensor | float:
+        if weight is None:
+            return 1.0
+        if callable(weight):
+            weight = weight(embed_sum, counts)
+        weight = torch.as_tensor(weight, device=counts.device, dtype=counts.dtype)
+        if weight.ndim == 1:
+            weight = weight.unsqueeze(0)
+        if weight.shape != counts.shape and weight.shape != (1, counts.shape[-1]):
+            raise ValueError(
+                f"ema_update_weight must have shape (codebook_size,) or (num_codebooks, codebook_size) = "
+                f"{tuple(counts.shape)}, got {tuple(weight.shape)}"
+            )
+        return weight
+
+    @torch.no_grad()
+    def track_(self, flat: Tensor, indices: Tensor, valid: Tensor, weight=None, accumulate: bool = False) -> Tensor:
+        """Fold one batch's per-code counts and sums into the EMA statistics.
+
+        Returns a ``(c, 1)`` bool tensor: which codebooks saw at least one valid row (on any rank).
+
+        Shape:
+            - flat: ``(c, N, d)`` float32, indices: ``(c, N)``, valid: ``(c, N)``
+        """
+        counts, sums = cluster_statistics(
+            zero_invalid(flat, valid), indices.clamp(min=0), valid.to(flat.dtype), self.codebook_size
+        )
+        counts = distributed.all_reduce_sum_(counts, sync=self.sync_codebook)
+        sums = distributed.all_reduce_sum_(sums, sync=self.sync_codebook)
+        if accumulate:
+            self.accum_cluster_size.add_(counts)
+            self.accum_embed_sum.add_(sums)
+            return counts.sum(dim=-1, keepdim=True) > 0
+
+        counts = counts + self.accum_cluster_size
+        sums = sums + self.accum_embed_sum
+        self.accum_cluster_size.zero_()
+        self.accum_embed_sum.zero_()
+
+        has_rows = counts.sum(dim=-1, keepdim=True) > 0
+        rate = (1.0 - self.decay) * self._ema_weight(weight, sums, counts)
+        self.cluster_size.copy_(torch.where(has_rows, torch.lerp(self.cluster_size, counts, rate), self.cluster_size))
+        rate_d = rate.unsqueeze(-1) if isinstance(rate, Tensor) else rate
+        new_avg = torch.lerp(self.embed_avg, sums, rate_d)
+        self.embed_avg.copy_(torch.where(has_rows.unsqueeze(-1), new_avg, self.embed_avg))
+        return has_rows
+
+    # ----------------------------------------------------------------- dead codes
+
+    @torch.no_grad()
+    def expire_codes_(self, flat: Tensor, valid: Tensor | None = None) -> None:
+        """Replace every code whose EMA count is below the threshold by a distinct random valid batch row.
+
+        When there are more dead codes than valid rows, a random subset of the dead codes is replaced now
+        and the rest on later steps. Replaced codes get count ``reset_cluster_size``. The choice is made on
+        rank 0 and broadcast, so every rank holds the same codebook.
+
+        Shape:
+            - flat: ``(c, N, d)``, valid: ``(c, N)``
+        """
+        if not self.has_dead_code_replacement:
+            return
+        if valid is None:
+            valid = valid_rows(flat, None)
+        c, num_rows, d = flat.shape
+        expired = self.cluster_size < self.threshold_ema_dead_code
+        slots = min(self.codebook_size, num_rows)
+
+        code_order, num_dead = shuffled_valid_rows(expired)  # dead codes first, in random order
+        row_order, num_valid = shuffled_valid_rows(valid)  # valid rows first, in random order
+        slot = torch.arange(slots, device=flat.device).unsqueeze(0)
+        active = (slot < num_dead) & (slot < num_valid)  # (c, slots)
+        codes_at = code_order[:, :slots]
+        rows = flat.gather(1, row_order[:, :slots].unsqueeze(-1).expand(-1, -1, d))
+        if self.use_cosine_sim:
+            rows = F.normalize(rows, dim=-1)
+
+        replace = torch.zeros_like(expired).scatter(1, codes_at, active)
+        new_codes = self.embed.detach().clone().scatter(1, codes_at.unsqueeze(-1).expand(-1, -1, d), rows)
+        new_codes = distributed.broadcast_(new_codes, sync=self.sync_codebook)
+        replace = distributed.broadcast_(replace, sync=self.sync_codebook)
+
+        self.embed.data.copy_(torch.where(replace.unsqueeze(-1), new_codes, self.embed.data))
+        self.cluster_size.masked_fill_(replace, self.reset_cluster_size)
+        self.embed_avg.copy_(torch.where(replace.unsqueeze(-1), new_codes * self.reset_cluster_size, self.embed_avg))
+
+    # ----------------------------------------------------------------- one training step
+
+    @torch.no_grad()
+    def update_(
+        self,
+        flat: Tensor,
+        indices: Tensor,
+        valid: Tensor,
+        *,
+        ema_update: bool | None = None,
+        weight=None,
+        accumulate: bool = False,
+    ) -> None:
+        """Statistics, codes and dead codes after one training batch (the reference's order of steps).
+
+        Shape:
+            - flat: ``(c, N, d)`` float32 codebook-space inputs, indices: ``(c, N)``, valid: ``(c, N)``
+        """
+        ema_update = self.ema_update if ema_update is None else ema_update
+        if not ema_update and not self.has_dead_code_replacement:
+            return
+        if self.affine_param:
+            flat = self.affine_inputs(flat)
+        # a learnable codebook under EMA (a gradient regulariser on top) moves by the change of its EMA
+        # target instead of being overwritten, so that its gradient steps are kept
+        moves_by_delta = isinstance(self.embed, nn.Parameter)
+        target_before = self._ema_codes() if moves_by_delta and ema_update else None
+
+        has_rows = self.track_(flat, indices, valid, weight=weight, accumulate=accumulate)
+        if accumulate:
+            return
+        if ema_update and not self.manual_ema_update:
+            target = self._ema_codes()
+            new_codes = self.embed.data + (target - target_before) if moves_by_delta else target
+            self.embed.data.copy_(torch.where(has_rows.unsqueeze(-1), new_codes, self.embed.data))
+        self.expire_codes_(flat, valid)

@@ -1,0 +1,92 @@
+"""Batched k-means and random row sampling without host synchronisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distributed
+from .search import nearest_codes
+
+
+def shuffled_valid_rows(valid: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Row indices in random order with every valid row before every invalid one.
+
+    Shape:
+        - valid: ``(c, N)`` bool
+        - output: order ``(c, N)`` int64, number of valid rows ``(c, 1)`` int64
+    """
+    keys = torch.rand(valid.shape, device=valid.device, generator=generator)
+    keys = keys.masked_fill(~valid, 2.0)
+    return keys.argsort(dim=-1), valid.sum(dim=-1, keepdim=True)
+
+
+def sample_rows(samples: Tensor, valid: Tensor, count: int) -> Tensor:
+    """``count`` rows drawn from the valid rows of each codebook: distinct while there are enough valid
+    rows, repeating them in the same random order otherwise.
+
+    Shape:
+        - samples: ``(c, N, d)``, valid: ``(c, N)``
+        - output: ``(c, count, d)``
+    """
+    order, num_valid = shuffled_valid_rows(valid)
+    slots = torch.arange(count, device=samples.device).unsqueeze(0) % num_valid.clamp(min=1)
+    rows = order.gather(1, slots)
+    return samples.gather(1, rows.unsqueeze(-1).expand(-1, -1, samples.shape[-1]))
+
+
+def cluster_statistics(samples: Tensor, assign: Tensor, weights: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+    """Per-cluster weighted counts and vector sums, by index_add (never a one-hot matrix).
+
+    Shape:
+        - samples: ``(c, N, d)`` (rows with zero weight must be finite), assign: ``(c, N)`` int64,
+          weights: ``(c, N)``
+        - output: counts ``(c, K)``, sums ``(c, K, d)``
+    """
+    c, n, d = samples.shape
+    flat_assign = (assign + torch.arange(c, device=assign.device).unsqueeze(-1) * num_clusters).reshape(-1)
+    counts = torch.zeros(c * num_clusters, device=samples.device, dtype=samples.dtype)
+    counts.index_add_(0, flat_assign, weights.reshape(-1).to(samples.dtype))
+    sums = torch.zeros(c * num_clusters, d, device=samples.device, dtype=samples.dtype)
+    sums.index_add_(0, flat_assign, (samples * weights.unsqueeze(-1)).reshape(-1, d))
+    return counts.view(c, num_clusters), sums.view(c, num_clusters, d)
+
+
+def kmeans(
+    samples: Tensor,
+    num_clusters: int,
+    num_iters: int = 10,
+    *,
+    valid: Tensor | None = None,
+    cosine: bool = False,
+    sync: bool | None = False,
+) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means, one independent problem per codebook.
+
+    Initial means are random valid rows (broadcast from rank 0 when synchronised). Each iteration assigns
+    every valid row to its nearest mean and moves each mean to the average of its rows; counts and sums are
+    summed over ranks first, so distributed k-means equals k-means on the concatenated batch. A cluster that
+    receives no row keeps its previous mean.
+
+    Shape:
+        - samples: ``(c, N, d)``, valid: ``(c, N)`` bool
+        - output: means ``(c, K, d)``, counts of the last assignment ``(c, K)``
+    """
+    if valid is None:
+        valid = torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device)
+    samples = torch.where(valid.unsqueeze(-1), samples, torch.zeros_like(samples))
+    weights = valid.to(samples.dtype)
+
+    means = distributed.broadcast_(sample_rows(samples, valid, num_clusters), sync=sync)
+    counts = torch.zeros(means.shape[:2], device=samples.device, dtype=samples.dtype)
+    for _ in range(num_iters):
+        assign = nearest_codes(samples, means, cosine=cosine)
+        counts, sums = cluster_statistics(samples, assign, weights, num_clusters)
+        counts = distributed.all_reduce_sum_(counts, sync=sync)
+        sums = distributed.all_reduce_sum_(sums, sync=sync)
+        new_means = sums / counts.clamp(min=1.0).unsqueeze(-1)
+        if cosine:
+            new_means = F.normalize(new_means, dim=-1)
+        means = torch.where((counts > 0).unsqueeze(-1), new_means, means)
+    return means, counts
