@@ -386,9 +386,7 @@ class VectorQuantize(nn.Module):
     def _select_codes(self, flat: Tensor, codes: Tensor, temperature: float, topk: int | None):
         """Indices ``(c, N)`` (or ``(c, N, k)``) and, when a loss needs them, the distance logits."""
         sampling = self.training and self.stochastic_sample_codes and temperature > 0
-        needs_logits = self.training and (
-            self.straight_through or self.has_codebook_diversity_loss or self._uses_ce_commitment()
-        )
+        needs_logits = self._needs_logits()
         logits = None
         if topk is not None:
             _, indices = topk_codes(flat.detach(), codes.detach(), topk, cosine=self.use_cosine_sim)
@@ -402,6 +400,11 @@ class VectorQuantize(nn.Module):
         if sampling:
             return sample_codes(flat.detach(), codes.detach(), temperature, cosine=self.use_cosine_sim), None
         return nearest_codes(flat.detach(), codes.detach(), cosine=self.use_cosine_sim), None
+
+    def _needs_logits(self) -> bool:
+        return self.training and (
+            self.straight_through or self.has_codebook_diversity_loss or self._uses_ce_commitment()
+        )
 
     def _uses_ce_commitment(self) -> bool:
         return self.has_commitment_loss and self.commitment_use_cross_entropy_loss
@@ -422,7 +425,11 @@ class VectorQuantize(nn.Module):
         ema_update_weight: Tensor | Callable | None = None,
         accum_ema_update: bool = False,
         ema_update: bool | None = None,
+        *,
+        forced_indices: Tensor | None = None,
     ):
+        """See the class docstring. ``forced_indices`` (as forward returns indices) skips the search and
+        quantizes to those codes, with the usual estimator, losses and statistics (used after a beam search)."""
         layout, tokens, mask = self._inputs(x, mask, lens)
         b, n = tokens.shape[:2]
         topk = self._check_topk(topk)
@@ -440,7 +447,11 @@ class VectorQuantize(nn.Module):
         self._prepare_codebook(flat.detach(), valid, updates_state)
 
         codes = self.effective_codes()
-        code_indices, logits = self._select_codes(flat, codes, temperature, topk)
+        if forced_indices is None:
+            code_indices, logits = self._select_codes(flat, codes, temperature, topk)
+        else:
+            code_indices = self._indices_to_rows(forced_indices, layout, b, n).clamp(min=0)
+            logits = distance_logits(flat, codes, cosine=self.use_cosine_sim) if self._needs_logits() else None
         quantize = gather_codes(codes, code_indices)
 
         inplace_loss = self._zero(flat)

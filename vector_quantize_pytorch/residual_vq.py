@@ -1,0 +1,467 @@
+"""ResidualVQ and GroupedResidualVQ: residual vector quantization (SoundStream, EnCodec, HiFi-Codec)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import estimators
+from .core.layout import TokenLayout, check_mask
+from .core.residual import GroupedStacks, ResidualStack
+from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
+from .core.validate import check_bool, check_float, check_int
+from .vector_quantize_pytorch import VectorQuantize
+
+
+class MLP(nn.Module):
+    """QINCo's implicit neural codebook (Huijben et al. 2024, arXiv 2401.14732): a code ``c`` of a layer is
+    replaced by ``f([p, c])``, a residual MLP of the code and of ``p``, the sum of the earlier layers' codes
+    of the same token. Each (token, code) pair is computed independently.
+
+    Shape:
+        - codes: ``(..., d)``, condition: ``(..., d)`` (broadcastable) -> ``(..., d)``
+    """
+
+    def __init__(self, dim: int, dim_hidden: int | None = None, depth: int = 4, l2norm_output: bool = False):
+        super().__init__()
+        dim_hidden = dim if dim_hidden is None else dim_hidden
+        self.proj_in = nn.Linear(2 * dim, dim)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim)) for _ in range(depth)
+        )
+        self.l2norm_output = l2norm_output
+
+    def forward(self, codes: Tensor, condition: Tensor) -> Tensor:
+        codes, condition = torch.broadcast_tensors(codes, condition)
+        h = self.proj_in(torch.cat((condition, codes), dim=-1))
+        for layer in self.layers:
+            h = layer(h) + h
+        return F.normalize(h, dim=-1) if self.l2norm_output else h
+
+
+def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
+    if isinstance(codebook_size, (tuple, list)):
+        sizes = tuple(check_int(f"codebook_size[{i}]", s, minimum=1) for i, s in enumerate(codebook_size))
+        if num_quantizers is not None and len(sizes) != num_quantizers:
+            raise ValueError(f"codebook_size has {len(sizes)} entries but num_quantizers is {num_quantizers}")
+        return sizes
+    check_int("codebook_size", codebook_size, minimum=1)
+    if num_quantizers is None:
+        raise ValueError("num_quantizers is required unless codebook_size is a tuple of per-layer sizes")
+    return (codebook_size,) * check_int("num_quantizers", num_quantizers, minimum=1)
+
+
+class ResidualVQ(ResidualStack):
+    """Residual vector quantization (Zeghidour et al. 2021, SoundStream, Algorithm 1).
+
+    Each of ``num_quantizers`` VectorQuantize layers quantizes what the previous layers left over; the output
+    is the sum of their codes. Projections to ``codebook_dim`` happen once, around the whole stack.
+
+    Args:
+        dim: input feature size.
+        num_quantizers: depth ``q`` (may be omitted when ``codebook_size`` is a tuple of per-layer sizes).
+        codebook_size: codes per layer, an int or a tuple (e.g. ``(5, 128, 256)``).
+        codebook_dim: code size; Linear projections are added when it differs from ``dim``.
+        shared_codebook: every layer uses layer 0's codebook (RQ-VAE); its EMA and dead codes are updated
+            once per step from all layers' inputs.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: train with a random
+            number of layers (one cutoff per batch, the same on every rank). ``quantize_dropout_per_sample``
+            (ours) draws a cutoff per sample, as DAC does.
+        accept_image_fmap: inputs are ``(b, c, h, w)``.
+        implicit_neural_codebook, mlp_kwargs: QINCo codebooks for layers after the first.
+        beam_size, eval_beam_size, beam_score_quantizer_weights: beam search over the layers' choices, in
+            training and in eval (a greedily trained model can be encoded with a beam).
+        quant_grad_frac: fraction of the gradient that flows through ``residual -= quantized``.
+        diveq: DiVeQ on the summed output.
+        **vq_kwargs: passed to every VectorQuantize layer (decay, kmeans_init, rotation_trick, ...).
+
+    Shape:
+        - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(b, n, q)`` int64, losses ``(q,)``
+        - ``accept_image_fmap``: ``(b, dim, h, w)`` -> ``(b, dim, h, w)``, ``(b, h, w, q)``
+        - ``return_all_codes``: a 4th output, codes ``(q, b, n, codebook_dim)``
+
+    Example::
+
+        >>> rvq = ResidualVQ(dim=256, codebook_size=1024, num_quantizers=8)
+        >>> quantized, indices, losses = rvq(torch.randn(1, 1024, 256))
+        >>> indices.shape, losses.shape
+        (torch.Size([1, 1024, 8]), torch.Size([8]))
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int | None = None,
+        codebook_size: int | tuple[int, ...],
+        codebook_dim: int | None = None,
+        shared_codebook: bool = False,
+        diveq: bool = False,
+        heads: int = 1,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        accept_image_fmap: bool = False,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict | None = None,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: list[float] | None = None,
+        quant_grad_frac: float = 0.0,
+        return_zeros_for_masked_padding: bool = True,
+        quantize_dropout_per_sample: bool = False,
+        **vq_kwargs,
+    ):
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        if heads != 1:
+            raise ValueError(f"heads must be 1 for ResidualVQ (use GroupedResidualVQ to split features), got {heads}")
+        sizes = _codebook_sizes(codebook_size, num_quantizers)
+        codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim, minimum=1)
+        for name, value in (("shared_codebook", shared_codebook), ("diveq", diveq), ("accept_image_fmap",
+                            accept_image_fmap), ("implicit_neural_codebook", implicit_neural_codebook)):  # fmt: skip
+            check_bool(name, value)
+        check_float("quant_grad_frac", quant_grad_frac, minimum=0.0, maximum=1.0)
+        self._check_beam(beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes))
+        if shared_codebook and len(set(sizes)) != 1:
+            raise ValueError("shared_codebook=True requires the same codebook_size for every layer")
+        if implicit_neural_codebook and (beam_size or eval_beam_size):
+            raise ValueError("beam search is not supported with implicit_neural_codebook=True")
+        for ignored in ("accept_3d_fmap", "channel_last", "heads", "separate_codebook_per_head"):
+            if ignored in vq_kwargs:
+                raise ValueError(f"{ignored} is not supported by ResidualVQ layers")
+
+        self.dim = dim
+        self.codebook_dim = codebook_dim
+        self.codebook_sizes = sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.accept_image_fmap = accept_image_fmap
+        self.shared_codebook = shared_codebook
+        self.diveq = diveq
+        self.implicit_neural_codebook = implicit_neural_codebook
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.quant_grad_frac = 1.0 if diveq else quant_grad_frac
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        weights = beam_score_quantizer_weights or [1.0] * len(sizes)
+        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+
+        vq_kwargs["return_zeros_for_masked_padding"] = return_zeros_for_masked_padding
+        if implicit_neural_codebook:
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
+        if shared_codebook:
+            vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
+        if diveq:
+            vq_kwargs.update(
+                ema_update=False, learnable_codebook=True, route_gradients_to_input=False, commitment_weight=0.0
+            )
+        self.layers = nn.ModuleList(
+            VectorQuantize(dim=codebook_dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs)
+            for size in sizes
+        )
+        if shared_codebook:
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
+        self.vq_is_ema_updating = self.layers[0].ema_update
+        self._init_dropout(
+            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
+        )
+
+        mlp_kwargs = dict(mlp_kwargs or {})
+        mlp_kwargs.setdefault("l2norm_output", self.layers[0].use_cosine_sim)
+        self.mlps = (
+            nn.ModuleList(MLP(codebook_dim, **mlp_kwargs) for _ in range(len(sizes) - 1))
+            if implicit_neural_codebook
+            else None
+        )
+
+    @staticmethod
+    def _check_beam(beam_size, eval_beam_size, weights, num_layers) -> None:
+        if beam_size is not None:
+            check_int("beam_size", beam_size, minimum=1)
+        if eval_beam_size is not None:
+            check_int("eval_beam_size", eval_beam_size, minimum=1)
+        if weights is not None and len(weights) != num_layers:
+            raise ValueError(f"beam_score_quantizer_weights must have {num_layers} entries, got {len(weights)}")
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self):
+        """``(q, K, d)``, or a tuple of ``(K_i, d)`` when the layers' sizes differ."""
+        books = tuple(layer._codebook.embed[0] for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
+
+    # ------------------------------------------------------------------ layers
+
+    def _quantize_layer(self, index, residual, mask, *, previous, forced=None, **kwargs):
+        layer = self.layers[index]
+        if self.implicit_neural_codebook and index > 0:
+            return self._implicit_layer(index, residual, mask, previous, forced)
+        return layer(residual, mask=mask, forced_indices=forced[..., index] if forced is not None else None, **kwargs)
+
+    def _layer_codes(self, index, indices, previous) -> Tensor:
+        base = self.layers[index].effective_codes()
+        codes = gather_codes(base, indices.unsqueeze(0))[0]
+        if self.implicit_neural_codebook and index > 0:
+            codes = self.mlps[index - 1](codes, previous)
+        return codes
+
+    @torch.no_grad()
+    def _implicit_search(self, mlp: MLP, base: Tensor, residual: Tensor, previous: Tensor) -> Tensor:
+        """Nearest implicit code of every token, one token chunk at a time: the ``(tokens, K, d)`` codes of
+        a chunk are never built for the whole batch."""
+        num_codes, d = base.shape
+        r, p = residual.reshape(-1, d), previous.reshape(-1, d)
+        chunk = max(1, MAX_CHUNK_SCORES // (num_codes * d))
+        out = []
+        for start in range(0, r.shape[0], chunk):
+            codes = mlp(base.unsqueeze(0), p[start : start + chunk].unsqueeze(1))  # (t, K, d)
+            dist = (codes - r[start : start + chunk].unsqueeze(1)).pow(2).sum(-1)
+            out.append(dist.argmin(-1))
+        return torch.cat(out).reshape(residual.shape[:-1])
+
+    def _implicit_layer(self, index, residual, mask, previous, forced):
+        layer, mlp = self.layers[index], self.mlps[index - 1]
+        base = layer.effective_codes()[0]
+        if forced is not None:
+            indices = forced[..., index].clamp(min=0)
+        else:
+            indices = self._implicit_search(mlp, base, residual.detach().float(), previous.detach().float())
+        # recompute only the chosen (token, code) pairs, with gradients to the MLP and the base codes
+        q = mlp(F.embedding(indices, base), previous.detach().float()).to(residual.dtype)
+        out = q
+        if self.training:
+            out = (
+                estimators.rotation_trick(residual, q.detach())
+                if layer.rotation_trick
+                else estimators.straight_through(residual, q.detach())
+            )
+            out = estimators.attach_gradient(out, out + q - q.detach())
+        valid = mask if mask is not None else torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+        per_token = (residual - q).pow(2).mean(-1)
+        loss = (per_token * valid).sum() / valid.sum().clamp(min=1) * layer.commitment_weight
+        if not self.training:
+            loss = torch.zeros((), device=residual.device)
+        if mask is not None:
+            out = out * mask.unsqueeze(-1).to(out.dtype)
+            indices = torch.where(mask, indices, torch.full_like(indices, -1))
+        return out, indices, loss
+
+    # ------------------------------------------------------------------ beam search
+
+    @torch.no_grad()
+    def _beam_search(self, h: Tensor, beam: int) -> Tensor:
+        """Indices ``(b, n, q)`` of the path with the lowest weighted sum of per-layer squared errors, keeping
+        ``beam`` candidates per token. Tokens are searched in chunks, so memory is bounded in their number."""
+        b, n, d = h.shape
+        flat = h.reshape(-1, d).float()
+        layer_codes = [layer.effective_codes() for layer in self.layers]
+        widest = max(self.codebook_sizes)
+        chunk = max(1, MAX_CHUNK_SCORES // (beam * max(widest, beam * d)))
+        out = [self._beam_search_chunk(flat[s : s + chunk], layer_codes, beam) for s in range(0, flat.shape[0], chunk)]
+        return torch.cat(out).reshape(b, n, self.num_quantizers)
+
+    def _beam_search_chunk(self, x: Tensor, layer_codes: list[Tensor], beam: int) -> Tensor:
+        t, d = x.shape
+        residual = x.unsqueeze(1)  # (t, B, d), B = 1 at first
+        scores = torch.zeros(t, 1, device=x.device)
+        paths = torch.zeros(t, 1, 0, dtype=torch.long, device=x.device)
+        for index, (layer, codes) in enumerate(zip(self.layers, layer_codes)):
+            width = residual.shape[1]
+            k = min(beam, codes.shape[1])
+            r = residual.reshape(1, t * width, d)
+            if layer.use_cosine_sim:
+                r = F.normalize(r, dim=-1)
+            _, candidates = topk_codes(r, codes, k, cosine=layer.use_cosine_sim)
+            q = gather_codes(codes, candidates)  # (1, t*B, k, d)
+            error = (r.unsqueeze(2) - q).pow(2).mean(-1).reshape(t, width * k)
+            total = scores.repeat_interleave(k, dim=1) - self.beam_score_weights[index] * error
+            keep = 1 if index == self.num_quantizers - 1 else min(beam, width * k)
+            scores, chosen = total.topk(keep, dim=-1)
+            parent = torch.div(chosen, k, rounding_mode="floor")
+            q = q.reshape(t, width * k, d).gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))
+            residual = residual.gather(1, parent.unsqueeze(-1).expand(-1, -1, d)) - q
+            picked = candidates.reshape(t, width * k).gather(1, chosen)
+            paths = torch.cat((paths.gather(1, parent.unsqueeze(-1).expand(-1, -1, paths.shape[-1])),
+                               picked.unsqueeze(-1)), dim=-1)  # fmt: skip
+        return paths[:, 0]
+
+    # ------------------------------------------------------------------ forward
+
+    def _tokens(self, x: Tensor, mask: Tensor | None):
+        if not isinstance(x, Tensor) or not torch.is_floating_point(x):
+            raise TypeError("x must be a floating point torch.Tensor")
+        expected = 4 if self.accept_image_fmap else 3
+        if x.ndim != expected:
+            shape = "(b, dim, h, w)" if self.accept_image_fmap else "(b, n, dim)"
+            raise ValueError(f"x must have shape {shape} with dim = {self.dim}, got {tuple(x.shape)}")
+        layout = TokenLayout.of(x, channel_first=self.accept_image_fmap)
+        tokens = layout.to_tokens(x)
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
+        if mask is not None:
+            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
+        return layout, tokens, mask
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        indices: Tensor | list[Tensor] | None = None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        beam_size: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        layout, tokens, mask = self._tokens(x, mask)
+        h = self.project_in(tokens)
+        b, n = h.shape[:2]
+        layer_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+
+        if indices is not None:
+            return self._cross_entropy_forward(h, indices, layout, tokens, mask, **layer_kwargs)
+
+        beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        forced = self._beam_search(h, beam) if beam is not None and beam > 1 else None
+
+        cutoffs = last_layer = None
+        if self.training and self.quantize_dropout and forced is None:
+            cutoffs, last_layer = self._dropout_plan(b, h.device, rand_quantize_dropout_fixed_seed)
+
+        quantized, all_indices, losses, residuals = self._residual_loop(
+            h, mask, cutoffs, last_layer, self.quant_grad_frac, forced=forced, **layer_kwargs
+        )
+        if self.training and self.shared_codebook and not freeze_codebook:
+            self._maintain_shared_codebook(residuals)
+        if self.diveq and self.training:
+            quantized = estimators.directional_reparam(h, quantized)
+
+        out = self._output(quantized, tokens, mask, layout)
+        result = (out, layout.indices_from_tokens(all_indices), self._stack_losses(losses, h))
+        if return_all_codes:
+            result = (*result, self.get_codes_from_indices(result[1]))
+        return result
+
+    def _output(self, quantized: Tensor, tokens: Tensor, mask: Tensor | None, layout: TokenLayout) -> Tensor:
+        out = self.project_out(quantized).to(tokens.dtype)
+        if mask is not None:
+            fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens
+            out = torch.where(mask.unsqueeze(-1), out, fill)
+        return layout.from_tokens(out)
+
+    @torch.no_grad()
+    def _maintain_shared_codebook(self, residuals: list[Tensor]) -> None:
+        """Shared codebook: one EMA write and one dead-code pass per step, over every layer's inputs."""
+        first = self.layers[0]
+        if self.vq_is_ema_updating:
+            first._codebook.update_ema()
+        first.update_in_place_optimizer()
+        inputs = torch.cat([r.reshape(-1, r.shape[-1]) for r in residuals]).unsqueeze(0)
+        first.expire_codes_(inputs)
+
+    def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
+        """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the
+        given codes, with the residual updated by those codes (the reference crashes here)."""
+        if isinstance(indices, (list, tuple)):
+            indices = torch.stack(list(indices), dim=-1)
+        indices = layout.indices_to_tokens(indices, tail_dims=1)
+        if (indices < 0).any():
+            raise ValueError("indices must not contain -1 (dropped layers); use indices from eval mode")
+        residual, quantized_out, ce_total = h, torch.zeros_like(h), 0.0
+        for index, layer in enumerate(self.layers):
+            quantized, ce = layer(residual, indices=indices[..., index], mask=mask, **layer_kwargs)
+            codes = self._layer_codes(index, indices[..., index], quantized_out).to(h.dtype)
+            quantized = estimators.attach_gradient(codes, quantized) if self.training else codes
+            residual = residual - quantized.detach()
+            quantized_out = quantized_out + quantized
+            ce_total = ce_total + ce
+        return self._output(quantized_out, tokens, mask, layout), ce_total
+
+    # ------------------------------------------------------------------ decoding
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Every layer's codes; index -1 (a dropped layer) gives a zero code; missing trailing layers count
+        as dropped.
+
+        Shape:
+            - indices: ``(b, ..., q')`` with ``q' <= q``
+            - output: ``(q, b, ..., codebook_dim)``
+        """
+        lead = indices.shape[:-1]
+        flat = indices.reshape(indices.shape[0], -1, indices.shape[-1])
+        codes = self._codes_from_token_indices(flat)
+        return codes.reshape(self.num_quantizers, *lead, self.codebook_dim)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """What forward outputs for these indices in eval mode.
+
+        Shape:
+            - indices: ``(b, n, q')`` (``(b, h, w, q')`` for image maps)
+            - output: ``(b, n, dim)`` (``(b, dim, h, w)``)
+        """
+        summed = self.get_codes_from_indices(indices).sum(dim=0)
+        out = self.project_out(summed)
+        if self.accept_image_fmap:
+            out = out.movedim(-1, 1)
+        return out
+
+
+class GroupedResidualVQ(GroupedStacks):
+    """Grouped residual VQ (Yang et al. 2023, HiFi-Codec): the features are split into ``groups`` chunks,
+    each quantized by its own :class:`ResidualVQ`.
+
+    Shape:
+        - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(groups, b, n, q)``, losses ``(groups, q)``
+        - ``return_all_codes``: codes ``(groups, q, b, n, dim // groups)``
+
+    Example::
+
+        >>> grvq = GroupedResidualVQ(dim=256, codebook_size=1024, num_quantizers=8, groups=2)
+        >>> quantized, indices, losses = grvq(torch.randn(1, 1024, 256))
+        >>> indices.shape, losses.shape
+        (torch.Size([2, 1, 1024, 8]), torch.Size([2, 8]))
+    """
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("groups", groups, minimum=1)
+        if dim % groups:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim = dim
+        self.groups = groups
+        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs) for _ in range(groups)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        indices=None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        mask: Tensor | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        return self._grouped_forward(
+            x,
+            indices,
+            return_all_codes=return_all_codes,
+            sample_codebook_temp=sample_codebook_temp,
+            freeze_codebook=freeze_codebook,
+            mask=mask,
+            rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed,
+        )
