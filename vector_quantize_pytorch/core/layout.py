@@ -58,7 +58,7 @@ class TokenLayout:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def from_tokens(self, t: Tensor) -> Tensor:
-        """``(b, n, d)`` -> input layout. Also accepts ``(b, n, k, d)`` (top-k), keeping ``k`` after the spatial axes."""
+        """``(b, n, d)`` -> input layout; ``(b, n, k, d)`` (top-k) keeps ``k`` after the spatial axes."""
         b, d = t.shape[0], t.shape[-1]
         extra = tuple(t.shape[2:-1])
         if self.single_token:

@@ -106,7 +106,7 @@ class ResidualStack(nn.Module):
             layer_mask = mask
             keep = None
             if last_layer is not None and index > last_layer:
-                all_indices.append(torch.full((b, n), -1, dtype=torch.long, device=x.device))
+                all_indices.append(None)
                 all_losses.append(None)
                 continue
             if cutoffs is not None and self.quantize_dropout_per_sample:
@@ -121,9 +121,16 @@ class ResidualStack(nn.Module):
                 indices = torch.where(keep, indices, torch.full_like(indices, -1))
             residual = residual - frac_gradient(quantized, quant_grad_frac)
             quantized_out = quantized_out + quantized
-            all_indices.append(indices.long())
+            all_indices.append(indices)
             all_losses.append(loss)
-        return quantized_out, torch.stack(all_indices, dim=-1), all_losses, residuals
+        return quantized_out, self._stack_indices(all_indices, b, n, x.device), all_losses, residuals
+
+    @staticmethod
+    def _stack_indices(all_indices: list, b: int, n: int, device) -> Tensor:
+        """Per-layer ``(b, n)`` indices -> ``(b, n, q)`` in the layers' index dtype; skipped layers are -1."""
+        dtype = next((i.dtype for i in all_indices if i is not None), torch.long)
+        filled = [torch.full((b, n), -1, dtype=dtype, device=device) if i is None else i.to(dtype) for i in all_indices]
+        return torch.stack(filled, dim=-1)
 
     def _stack_losses(self, losses: list, reference: Tensor) -> Tensor:
         zero = torch.zeros((), device=reference.device, dtype=torch.float32)

@@ -88,5 +88,6 @@ def check_input(name: str, x, *, min_ndim: int = 2, max_ndim: int | None = None)
 def check_feature_size(name: str, x: Tensor, axis: int, expected: int, layout: str) -> None:
     if x.shape[axis] != expected:
         raise ValueError(
-            f"{name} must have {expected} features on axis {axis} (expected layout {layout}), got shape {tuple(x.shape)}"
+            f"{name} must have {expected} features on axis {axis} (expected layout {layout}), "
+            f"got shape {tuple(x.shape)}"
         )

@@ -1,0 +1,165 @@
+"""ResidualLFQ and GroupedResidualLFQ: residual lookup-free quantization."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .core.layout import TokenLayout, check_mask
+from .core.residual import GroupedStacks, ResidualStack
+from .core.validate import check_bool, check_float, check_input, check_int
+from .lookup_free_quantization import LFQ
+
+
+class ResidualLFQ(ResidualStack):
+    """Residual LFQ: layer ``i`` is an LFQ whose codes are ``+-2^-i``, quantizing what earlier layers left.
+
+    Args:
+        dim: input feature size; Linear projections to ``log2(codebook_size)`` when different.
+        num_quantizers: depth ``q``.
+        codebook_size: codes per layer (a power of 2).
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as ResidualVQ.
+        soft_clamp_input_value: tanh soft clamp of the first layer, halved at every later layer.
+        **lfq_kwargs: passed to every LFQ layer (entropy_loss_weight, commitment_loss_weight, ...).
+
+    Shape:
+        - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(b, n, q)``, aux losses ``(q,)``
+        - channel-first images/video ``(b, dim, ...)`` -> ``(b, dim, ...)``, indices ``(b, ..., q)``
+
+    Example::
+
+        >>> rlfq = ResidualLFQ(dim=256, codebook_size=256, num_quantizers=8)
+        >>> quantized, indices, losses = rlfq(torch.randn(1, 1024, 256))
+        >>> indices.shape, losses.shape
+        (torch.Size([1, 1024, 8]), torch.Size([8]))
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | None = None,
+        quantize_dropout_per_sample: bool = False,
+        **lfq_kwargs,
+    ):
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("num_quantizers", num_quantizers, minimum=1)
+        check_int("codebook_size", codebook_size, minimum=2)
+        if codebook_size & (codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of 2, got {codebook_size}")
+        if soft_clamp_input_value is not None:
+            check_float("soft_clamp_input_value", soft_clamp_input_value, minimum=0.0, min_exclusive=True)
+        codebook_dim = int(math.log2(codebook_size))
+        self.dim = dim
+        self.codebook_dim = codebook_dim
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        layers = []
+        for index in range(num_quantizers):
+            layers.append(
+                LFQ(
+                    dim=codebook_dim,
+                    codebook_size=codebook_size,
+                    codebook_scale=2**-index,
+                    soft_clamp_input_value=soft_clamp_input_value,
+                    **lfq_kwargs,
+                )
+            )
+            if soft_clamp_input_value is not None:
+                soft_clamp_input_value *= 0.5
+        self.layers = nn.ModuleList(layers)
+        self.codebook_size = codebook_size
+        self._init_dropout(
+            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
+        )
+
+    @property
+    def codebooks(self) -> Tensor:
+        """``(q, K, codebook_dim)``: every layer's codes (built on request)."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _quantize_layer(self, index, residual, mask, *, previous):
+        quantized, indices, loss = self.layers[index](residual, mask=mask)
+        return quantized, indices, loss
+
+    def _layer_codes(self, index, indices, previous) -> Tensor:
+        return self.layers[index].indices_to_codes(indices, project_out=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        check_input("x", x, min_ndim=3)
+        layout = TokenLayout.of(x, channel_first=x.ndim >= 4)
+        tokens = layout.to_tokens(x)
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
+        if mask is not None:
+            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
+        h = self.project_in(tokens)
+        cutoffs = last_layer = None
+        if self.training and self.quantize_dropout and torch.is_grad_enabled():
+            cutoffs, last_layer = self._dropout_plan(h.shape[0], h.device, rand_quantize_dropout_fixed_seed)
+        quantized, indices, losses, _ = self._residual_loop(h, mask, cutoffs, last_layer)
+        out = layout.from_tokens(self.project_out(quantized).to(x.dtype))
+        result = (out, layout.indices_from_tokens(indices), self._stack_losses(losses, h))
+        if return_all_codes:
+            result = (*result, self.get_codes_from_indices(result[1]))
+        return result
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Codes of every layer; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., codebook_dim)``."""
+        lead = indices.shape[:-1]
+        codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
+        return codes.reshape(self.num_quantizers, *lead, self.codebook_dim)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)``
+        (channel-first for image/video indices)."""
+        out = self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        return out.movedim(-1, 1) if indices.ndim >= 4 else out
+
+
+class GroupedResidualLFQ(GroupedStacks):
+    """Features split into ``groups`` chunks, each quantized by its own :class:`ResidualLFQ`.
+
+    Shape:
+        - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(groups, b, n, q)``, losses ``(groups, q)``
+    """
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("groups", groups, minimum=1)
+        if dim % groups:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups = dim, groups
+        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
+        self.rvqs = nn.ModuleList(ResidualLFQ(dim=dim // groups, **kwargs) for _ in range(groups))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        return self._grouped_forward(
+            x,
+            None,
+            mask=mask,
+            return_all_codes=return_all_codes,
+            rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed,
+        )
