@@ -1,0 +1,395 @@
+"""Latent quantization: a learnable grid of scalar values for every latent dimension.
+
+Hsu, Dorrell, Whittington, Wu and Finn, "Disentanglement via Latent Quantization", NeurIPS 2023,
+https://arxiv.org/abs/2305.18378.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .core.layout import TokenLayout
+from .core.validate import (
+    check_feature_size,
+    check_float,
+    check_input,
+    check_int,
+    check_int_sequence,
+    check_optional_bool,
+)
+
+__all__ = ["LatentQuantize", "LatentQuantizer"]
+
+# Indices are int32, like the reference's.
+MAX_CODEBOOK_SIZE = 2**31 - 1
+# Largest block of |latent - value| distances held at once (tokens x latent dims x values): 32 MiB of float32.
+MAX_DISTANCES = 2**23
+
+
+def initial_values(level: int) -> Tensor:
+    """The reference's starting grid for one latent dimension: ``level`` values spread over [-0.5, 0.5].
+
+    Odd levels include both ends and zero; even levels start at -0.5 and step by ``1 / level``, so zero is
+    still on the grid.
+    """
+    if level % 2 == 1:
+        return torch.linspace(-0.5, 0.5, level)
+    return torch.arange(level) / level - 0.5
+
+
+def mixed_radix_basis(levels: Sequence[int]) -> Tensor:
+    """Place values of a mixed-radix number whose first digit is the least significant: ``(1, l0, l0 l1, ...)``."""
+    basis = [1]
+    for level in levels[:-1]:
+        basis.append(basis[-1] * level)
+    return torch.tensor(basis, dtype=torch.int64)
+
+
+class _FixedValueGrids(nn.Module):
+    """Value grids that are not learned (``optimize_values=False``): non-persistent buffers, indexable like
+    the ``nn.ParameterList`` used when they are learned, and absent from the ``state_dict`` as in the reference."""
+
+    def __init__(self, grids: Sequence[Tensor]):
+        super().__init__()
+        for i, grid in enumerate(grids):
+            self.register_buffer(str(i), grid, persistent=False)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self._buffers[str(range(len(self))[i])]
+
+    def __iter__(self):
+        return iter(self._buffers.values())
+
+
+def _check_levels(levels, codebook_dim) -> tuple[int, ...]:
+    codebook_dim = check_int("codebook_dim", codebook_dim)
+    if isinstance(levels, bool) or not isinstance(levels, int):
+        levels = check_int_sequence("levels", levels, minimum=1)
+        if codebook_dim > 0 and codebook_dim != len(levels):
+            raise ValueError(
+                f"codebook_dim must equal len(levels) = {len(levels)} (or be <= 0 to take it from levels), "
+                f"got {codebook_dim}"
+            )
+        return levels
+    level = check_int("levels", levels, minimum=1)
+    if codebook_dim <= 0:
+        raise ValueError(f"codebook_dim must be >= 1 when levels is a single int ({level}), got {codebook_dim}")
+    return (level,) * codebook_dim
+
+
+def _check_loss_weight(name: str, value) -> float:
+    return 0.0 if value is None else check_float(name, value, minimum=0.0)
+
+
+class LatentQuantize(nn.Module):
+    r"""Latent quantization (LQ): every latent dimension is snapped to the nearest value of its own small,
+    learnable grid of scalars (Hsu et al. 2023, https://arxiv.org/abs/2305.18378).
+
+    The input is projected to ``num_codebooks * codebook_dim`` latents (if that differs from ``dim``). Latent
+    dimension :math:`i` has the grid :math:`v_i` of ``levels[i]`` values, initialised evenly over
+    :math:`[-0.5, 0.5]` and shared by all codebooks. Each latent :math:`z_i` becomes
+    :math:`\hat z_i = v_{i, k_i}` with :math:`k_i = \arg\min_k |z_i - v_{i,k}|` (first index on ties), and
+    the index of a token is the mixed-radix number :math:`\sum_i k_i \prod_{j<i} L_j`. The output's gradient
+    reaches the latents unchanged (straight-through estimator).
+
+    In training the returned loss is
+    :math:`w_c \cdot \mathrm{MSE}(\mathrm{sg}(x), \hat x) + w_q \cdot \mathrm{MSE}(\mathrm{sg}(\hat x), x)`
+    between the input :math:`x` and the output :math:`\hat x`, as in the reference; the first term also
+    trains the value grids (the paper's "quantization loss"), the second pulls the encoder towards its codes.
+    In eval mode the loss is zero.
+
+    Args:
+        levels: number of values per latent dimension (a list), or one int used for ``codebook_dim`` dims.
+        dim: feature size of the input.
+        commitment_loss_weight: :math:`w_c`. ``None`` means 0.
+        quantization_loss_weight: :math:`w_q`. ``None`` means 0.
+        num_codebooks: latent groups per token, each quantized with the same grids.
+        codebook_dim: latent dimensions per codebook; ``<= 0`` takes ``len(levels)``.
+        keep_num_codebooks_dim: keep a codebook axis on the indices; always on when ``num_codebooks > 1``.
+        optimize_values: the grids are ``nn.Parameter`` s (``values_per_latent.{i}`` in the state_dict);
+            otherwise fixed buffers outside the state_dict. Any falsy value (including ``None``) turns it off,
+            like the reference.
+        in_place_codebook_optimizer: a factory ``params -> torch.optim.Optimizer``. When given, it is called
+            once with the value grids, and every training forward takes one step of it on
+            :math:`\mathrm{MSE}(v_{k}, \mathrm{sg}(z))` (grids towards the latents), then quantizes with the
+            updated grids; the grids then learn only through these steps, not through the returned loss.
+            Other parameters' gradients are not touched; skipped under ``torch.no_grad()``. Needs
+            ``optimize_values=True``.
+
+    Shape:
+        - Input: ``(b, n, dim)`` sequences (channel-last), ``(b, dim)`` single tokens, or channel-first
+          images ``(b, dim, h, w)`` and video ``(b, dim, t, h, w)`` (any input with 4 or more axes).
+        - Output: ``(out, indices, loss)``: ``out`` has the input's shape and dtype; ``indices`` are int32 of
+          shape ``(b, n)``, ``(b,)``, ``(b, h, w)`` or ``(b, t, h, w)``, with a trailing ``num_codebooks``
+          axis when ``keep_num_codebooks_dim``; ``loss`` is a float32 scalar.
+
+    Example::
+
+        >>> quantizer = LatentQuantize(levels=[5, 5, 8], dim=16)
+        >>> out, indices, loss = quantizer(torch.randn(1, 16, 32, 32))
+        >>> out.shape, indices.shape, loss.shape
+        (torch.Size([1, 16, 32, 32]), torch.Size([1, 32, 32]), torch.Size([]))
+        >>> torch.equal(quantizer.indices_to_codes(indices), out)
+        True
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[int] | int,
+        dim: int,
+        commitment_loss_weight: float | None = 0.1,
+        quantization_loss_weight: float | None = 0.1,
+        num_codebooks: int = 1,
+        codebook_dim: int = -1,
+        keep_num_codebooks_dim: bool | None = None,
+        optimize_values: bool | None = True,
+        in_place_codebook_optimizer: Callable[..., Optimizer] | None = None,
+    ):
+        super().__init__()
+        levels = _check_levels(levels, codebook_dim)
+        dim = check_int("dim", dim, minimum=1)
+        commitment_loss_weight = _check_loss_weight("commitment_loss_weight", commitment_loss_weight)
+        quantization_loss_weight = _check_loss_weight("quantization_loss_weight", quantization_loss_weight)
+        num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
+        keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
+        optimize_values = bool(optimize_values)
+        if in_place_codebook_optimizer is not None:
+            if not callable(in_place_codebook_optimizer):
+                raise TypeError(
+                    "in_place_codebook_optimizer must be a callable params -> torch.optim.Optimizer, "
+                    f"got {type(in_place_codebook_optimizer).__name__}"
+                )
+            if not optimize_values:
+                raise ValueError("in_place_codebook_optimizer needs optimize_values=True (fixed grids cannot learn)")
+        codebook_size = math.prod(levels)
+        if codebook_size > MAX_CODEBOOK_SIZE:
+            raise ValueError(f"levels must multiply to at most 2**31 - 1 (int32 indices), got {levels}")
+
+        self.dim = dim
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = bool(keep_num_codebooks_dim) or num_codebooks > 1
+        self.codebook_size = codebook_size
+        self.optimize_values = optimize_values
+
+        self.register_buffer("commitment_loss_weight", torch.tensor(commitment_loss_weight), persistent=False)
+        self.register_buffer("quantization_loss_weight", torch.tensor(quantization_loss_weight), persistent=False)
+        self._register_index_buffers(levels)
+
+        self.has_projections = dim != self.effective_codebook_dim
+        self.project_in = nn.Linear(dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.effective_codebook_dim, dim) if self.has_projections else nn.Identity()
+
+        grids = [initial_values(level) for level in levels]
+        if optimize_values:
+            self.values_per_latent = nn.ParameterList([nn.Parameter(grid) for grid in grids])
+        else:
+            self.values_per_latent = _FixedValueGrids(grids)
+
+        self.in_place_codebook_optimizer = None
+        if in_place_codebook_optimizer is not None:
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(self.values_per_latent)
+
+    def _register_index_buffers(self, levels: tuple[int, ...]) -> None:
+        levels_t = torch.tensor(levels, dtype=torch.int64)
+        longest = max(levels)
+        starts = torch.cumsum(levels_t, 0) - levels_t
+        # slot of every grid value in a (codebook_dim, longest) table padded with +inf
+        slots = torch.cat([torch.arange(level) + i * longest for i, level in enumerate(levels)])
+        self.register_buffer("_levels", levels_t.to(torch.int32), persistent=False)
+        self.register_buffer("_basis", mixed_radix_basis(levels).to(torch.int32), persistent=False)
+        self.register_buffer("_value_starts", starts, persistent=False)
+        self.register_buffer("_padded_slots", slots, persistent=False)
+        self._longest_level = longest
+
+    # ----- value grids -----------------------------------------------------------------------------------
+
+    def _flat_values(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """All grids concatenated, ``(sum(levels),)``; differentiable w.r.t. ``values_per_latent``."""
+        return torch.cat(list(self.values_per_latent)).to(dtype)
+
+    def _padded_grid(self, flat_values: Tensor) -> Tensor:
+        """``(codebook_dim, max(levels))`` table of the grids, padded with +inf (never nearest)."""
+        table = flat_values.new_full((self.codebook_dim * self._longest_level,), math.inf)
+        table = table.index_copy(0, self._padded_slots, flat_values.detach())
+        return table.view(self.codebook_dim, self._longest_level)
+
+    def _nearest_level_indices(self, latents: Tensor, flat_values: Tensor) -> Tensor:
+        """``(..., codebook_dim)`` -> int64 position of the nearest value in each dimension's grid."""
+        grid = self._padded_grid(flat_values)
+        rows = latents.detach().reshape(-1, self.codebook_dim)
+        chunk = max(1, MAX_DISTANCES // grid.numel())
+        nearest = [(part.unsqueeze(-1) - grid).abs().argmin(-1) for part in rows.split(chunk)]
+        # an infinite latent meets inf - inf = nan in the padding; keep its index inside the grid
+        nearest = torch.minimum(torch.cat(nearest), self._levels.long() - 1)
+        return nearest.view(latents.shape)
+
+    def _values_at(self, flat_values: Tensor, level_indices: Tensor) -> Tensor:
+        """Grid values at ``(..., codebook_dim)`` level indices."""
+        return flat_values[self._value_starts + level_indices]
+
+    def _level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
+        return (level_indices * self._basis.long()).sum(-1).to(torch.int32)
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """``(...)`` code indices -> ``(..., codebook_dim)`` int64 positions in each grid."""
+        return indices.long().unsqueeze(-1) // self._basis.long() % self._levels.long()
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """``(codebook_size, codebook_dim)`` every code, from the current grids (enumerated on request)."""
+        all_indices = torch.arange(self.codebook_size, device=self._levels.device)
+        return self._values_at(self._flat_values(), self.indices_to_level_indices(all_indices)).detach()
+
+    # ----- the reference's public pieces -----------------------------------------------------------------
+
+    def quantization_loss(self, z: Tensor, zhat: Tensor, reduce: str = "mean") -> Tensor:
+        """``MSE(sg(zhat), z)``: pulls ``z`` towards the codes."""
+        return F.mse_loss(zhat.detach(), z, reduction=reduce)
+
+    def commitment_loss(self, z: Tensor, zhat: Tensor, reduce: str = "mean") -> Tensor:
+        """``MSE(sg(z), zhat)``: pulls ``zhat`` (and through it the value grids) towards ``z``."""
+        return F.mse_loss(z.detach(), zhat, reduction=reduce)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """``(..., codebook_dim)`` latents -> nearest grid values, same shape and dtype, straight-through."""
+        flat_values = self._flat_values()
+        latents = z.to(torch.promote_types(z.dtype, torch.float32))
+        codes = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
+        return _straight_through(latents, codes.detach()).to(z.dtype)
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """``(..., codebook_dim)`` codes -> int32 indices ``(...)``: the nearest value of each current grid."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(
+                f"zhat must have codebook_dim = {self.codebook_dim} on its last axis, got {tuple(zhat.shape)}"
+            )
+        return self._level_indices_to_indices(self._nearest_level_indices(zhat, self._flat_values()))
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Indices from :meth:`forward` -> the output they stand for (``project_out=True``) or the latent codes.
+
+        Image and video indices (two or more spatial axes) give channel-first codes, like the reference;
+        sequence indices ``(b, n)`` give ``(b, n, d)``, the layout :meth:`forward` takes them in.
+        """
+        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
+            raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+        codes = self._values_at(self._flat_values(), self.indices_to_level_indices(indices)).detach()
+        if self.keep_num_codebooks_dim:
+            codes = codes.flatten(-2)
+        if project_out:
+            codes = self.project_out(codes)
+        spatial_axes = indices.ndim - 1 - int(self.keep_num_codebooks_dim)
+        return codes.movedim(-1, 1) if spatial_axes >= 2 else codes
+
+    def quantize_and_project(self, z: Tensor, is_img_or_video: bool, ps) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference's helper on already projected latents.
+
+        Args:
+            z: ``(b, n, num_codebooks, codebook_dim)`` latents.
+            is_img_or_video: put the output's features on axis 1.
+            ps: the packed shapes from ``einops.pack([x], "b * d")``: ``ps[0]`` is the spatial shape of ``n``.
+
+        Returns:
+            ``(codes (b, n, num_codebooks * codebook_dim), out (b, *spatial, dim) or channel-first, indices)``.
+        """
+        flat_values = self._flat_values()
+        latents = z.to(torch.promote_types(z.dtype, torch.float32))
+        level_indices = self._nearest_level_indices(latents, flat_values)
+        codes = _straight_through(latents, self._values_at(flat_values, level_indices)).flatten(-2).to(z.dtype)
+        spatial = tuple(ps[0])
+        out = self.project_out(codes)
+        out = out.reshape(out.shape[0], *spatial, out.shape[-1])
+        if is_img_or_video:
+            out = out.movedim(-1, 1)
+        indices = self._level_indices_to_indices(level_indices)
+        indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return codes, out, indices
+
+    # ----- training-time value updates -------------------------------------------------------------------
+
+    def _step_values_in_place(self, latents: Tensor) -> None:
+        """One step of the in-place optimizer on ``MSE(nearest values, sg(latents))``, other grads untouched."""
+        params = list(self.values_per_latent)
+        flat_values = self._flat_values(latents.dtype)
+        chosen = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
+        loss = F.mse_loss(chosen, latents.detach())
+        grads = torch.autograd.grad(loss, params)
+        saved = [p.grad for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        self.in_place_codebook_optimizer.step()
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+    # ----- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = check_input("z", z, min_ndim=2)
+        layout = TokenLayout.of(x, channel_first=x.ndim >= 4)
+        expected = "(b, dim, ...) channel-first" if layout.channel_first else "(b, n, dim) or (b, dim)"
+        check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
+
+        latents = self.project_in(layout.to_tokens(x))
+        latents = latents.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
+
+        in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
+        if in_place:
+            self._step_values_in_place(latents)
+
+        flat_values = self._flat_values(latents.dtype)
+        level_indices = self._nearest_level_indices(latents, flat_values)
+        chosen = self._values_at(flat_values, level_indices)
+
+        out = self._project_out(_straight_through(latents, chosen.detach()), layout, x.dtype)
+        indices = self._level_indices_to_indices(level_indices)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        indices = layout.indices_from_tokens(indices)
+
+        if not self.training:
+            return out, indices, torch.zeros((), device=x.device)
+
+        learn_values_by_backprop = self.optimize_values and not in_place and chosen.requires_grad
+        # same forward values as `out`; the commitment term's gradient also reaches the chosen grid values
+        out_for_commitment = (
+            self._project_out(_straight_through(latents, chosen), layout, x.dtype) if learn_values_by_backprop else out
+        )
+        loss = self.commitment_loss_weight * self.commitment_loss(x.float(), out_for_commitment.float())
+        loss = loss + self.quantization_loss_weight * self.quantization_loss(x.float(), out.float())
+        return out, indices, loss
+
+    def _project_out(self, codes: Tensor, layout: TokenLayout, dtype: torch.dtype) -> Tensor:
+        """``(b, n, c, d)`` float32 codes -> output in the input's layout and dtype."""
+        return layout.from_tokens(self.project_out(codes.flatten(-2).to(dtype))).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self._levels.tolist()}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
+            f"codebook_size={self.codebook_size}, optimize_values={self.optimize_values}"
+        )
+
+
+def _straight_through(latents: Tensor, codes: Tensor) -> Tensor:
+    """Forward value exactly ``codes``; the gradient reaches ``latents`` unchanged (and ``codes`` if attached).
+
+    ``latents - latents.detach()`` is exactly zero for finite latents, so, unlike ``z + (q - z).detach()``,
+    the output equals the codes bit for bit and decoding indices reproduces it exactly.
+    """
+    return codes + (latents - latents.detach())
+
+
+LatentQuantizer = LatentQuantize
