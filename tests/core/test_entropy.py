@@ -1,0 +1,192 @@
+"""LFQ/BSQ entropy math: every value against a brute-force float64 enumeration of the 2^K codes."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vector_quantize_pytorch.core import entropy as entropy_module
+from vector_quantize_pytorch.core.entropy import (
+    bernoulli_entropy,
+    bit_groups,
+    bit_product_table,
+    code_entropy,
+    entropy,
+    mean_code_distribution,
+    per_sample_entropy,
+    token_weights,
+)
+
+
+def brute_force_code_probs(bit_logits):
+    """``(n, c, K)`` per-bit logits -> ``(n, c, 2^K)`` softmax over every code, in float64.
+
+    Code ``i`` has bit ``k`` = bit k of i (weight 2^k). Its logit is the sum of the logits of its set bits
+    (the logit of a corner up to a per-token constant), so this is the softmax over corners enumerated.
+    """
+    num_bits = bit_logits.shape[-1]
+    patterns = torch.tensor(list(itertools.product([0, 1], repeat=num_bits)), dtype=torch.float64).flip(-1)
+    return (bit_logits.double() @ patterns.T).softmax(dim=-1)
+
+
+def brute_force_entropy(probs):
+    terms = torch.where(probs > 0, -probs * probs.log(), torch.zeros_like(probs))
+    return terms.sum(dim=-1)
+
+
+def random_logits(num_tokens, num_codebooks, num_bits, scale=2.0, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_tokens, num_codebooks, num_bits, generator=generator, dtype=torch.float64) * scale).to(
+        dtype
+    )
+
+
+def test_entropy_of_known_distributions():
+    assert entropy(torch.full((8,), 1 / 8, dtype=torch.float64)).item() == pytest.approx(math.log(8), rel=1e-12)
+    assert entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
+
+
+def test_entropy_gradient_is_finite_at_zero_probability():
+    probs = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+    entropy(probs).backward()
+    assert torch.isfinite(probs.grad).all()
+
+
+def test_bernoulli_entropy_matches_definition_and_is_accurate_for_large_logits():
+    logits = torch.tensor([-60.0, -30.0, -3.0, 0.0, 0.7, 30.0, 60.0], dtype=torch.float64)
+    # the definition, written around the less likely outcome q = sigmoid(-|l|) so nothing underflows
+    a = logits.abs()
+    q = torch.exp(-a) / (1 + torch.exp(-a))
+    expected = q * (a + torch.log1p(torch.exp(-a))) + (1 - q) * torch.log1p(torch.exp(-a))
+    torch.testing.assert_close(bernoulli_entropy(logits), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bernoulli_entropy(logits.float()), expected.float(), rtol=1e-5, atol=0)
+    assert bernoulli_entropy(logits)[3].item() == pytest.approx(math.log(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("num_bits", [1, 2, 5, 9])
+def test_per_sample_entropy_equals_enumeration(num_bits):
+    logits = random_logits(13, 2, num_bits, seed=num_bits)
+    expected = brute_force_entropy(brute_force_code_probs(logits)).mean()
+    torch.testing.assert_close(per_sample_entropy(logits), expected, rtol=1e-10, atol=0)
+
+
+def test_per_sample_entropy_with_weights_is_the_weighted_mean():
+    logits = random_logits(6, 1, 4, seed=3)
+    per_token = brute_force_entropy(brute_force_code_probs(logits))[:, 0]
+    mask = torch.tensor([True, False, True, True, False, False])
+    weights = token_weights(mask, 6, dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(per_sample_entropy(logits, weights), per_token[mask].mean(), rtol=1e-10, atol=0)
+
+
+def test_bit_product_table_lists_code_probabilities_in_index_order():
+    logits = random_logits(5, 2, 6, seed=4)
+    torch.testing.assert_close(bit_product_table(logits), brute_force_code_probs(logits), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("num_bits", [1, 2, 3, 7, 12])
+def test_mean_code_distribution_equals_enumeration(num_bits):
+    logits = random_logits(9, 2, num_bits, seed=num_bits)
+    expected = brute_force_code_probs(logits).mean(dim=0)
+    dist = mean_code_distribution(logits)
+    torch.testing.assert_close(dist, expected, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(dist.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("num_bits", [1, 4, 8, 11, 12])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_code_entropy_equals_enumeration(num_bits, dtype):
+    logits = random_logits(17, 2, num_bits, seed=100 + num_bits, dtype=dtype)
+    expected = brute_force_entropy(brute_force_code_probs(logits).mean(dim=0))
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(code_entropy(logits).double(), expected, rtol=rtol, atol=0)
+
+
+def test_code_entropy_with_mask_ignores_excluded_tokens():
+    logits = random_logits(8, 1, 6, seed=5)
+    mask = torch.tensor([True, True, False, True, False, True, True, False])
+    weights = token_weights(mask, 8, dtype=torch.float64, device="cpu")
+    expected = brute_force_entropy(brute_force_code_probs(logits[mask]).mean(dim=0))
+    torch.testing.assert_close(code_entropy(logits, weights), expected, rtol=1e-10, atol=0)
+    garbage = logits.clone()
+    garbage[~mask] = 1e4
+    torch.testing.assert_close(code_entropy(garbage, weights), expected, rtol=1e-10, atol=0)
+
+
+def test_everything_masked_gives_zero_not_nan():
+    logits = random_logits(4, 1, 5, seed=6)
+    weights = token_weights(torch.zeros(4, dtype=torch.bool), 4, dtype=torch.float64, device="cpu")
+    assert code_entropy(logits, weights).item() == 0.0
+    assert per_sample_entropy(logits, weights).item() == 0.0
+
+
+def test_chunked_computation_equals_single_chunk(monkeypatch):
+    logits = random_logits(23, 2, 6, seed=7).requires_grad_()
+    weights = torch.rand(23, dtype=torch.float64)
+    weights = weights / weights.sum()
+    single = code_entropy(logits, weights)
+    (grad_single,) = torch.autograd.grad(single.sum(), logits)
+    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * 8 * 5)  # 5 tokens per chunk
+    chunked = code_entropy(logits, weights)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(chunked, single, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_chunked, grad_single, rtol=1e-10, atol=1e-14)
+
+
+def test_gradients_match_finite_differences(monkeypatch):
+    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * 4 * 3)  # also exercise the chunked backward
+    logits = random_logits(7, 2, 5, scale=1.0, seed=8).requires_grad_()
+    weights = torch.rand(7, dtype=torch.float64)
+    weights = weights / weights.sum()
+    assert torch.autograd.gradcheck(lambda t: mean_code_distribution(t, weights), (logits,))
+    assert torch.autograd.gradcheck(lambda t: code_entropy(t, weights), (logits,))
+    assert torch.autograd.gradcheck(lambda t: per_sample_entropy(t, weights), (logits,))
+
+
+def test_gradient_equals_gradient_of_enumeration():
+    logits = random_logits(10, 1, 7, seed=9).requires_grad_()
+    (ours,) = torch.autograd.grad(code_entropy(logits).sum(), logits)
+    (expected,) = torch.autograd.grad(brute_force_entropy(brute_force_code_probs(logits).mean(0)).sum(), logits)
+    torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_bit_groups_partition_the_bits():
+    assert bit_groups(20, max_exact_bits=24, group_bits=16) == [slice(0, 20)]
+    groups = bit_groups(32, max_exact_bits=24, group_bits=16)
+    assert groups == [slice(0, 16), slice(16, 32)]
+    groups = bit_groups(37, max_exact_bits=24, group_bits=16)
+    assert len(groups) == 3 and groups[0].start == 0 and groups[-1].stop == 37
+    assert all(a.stop == b.start for a, b in zip(groups[:-1], groups[1:]))
+    assert all(g.stop - g.start <= 16 for g in groups)
+
+
+@pytest.mark.parametrize("group_bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_bound_is_never_below_exact(group_bits, seed):
+    logits = random_logits(12, 2, 8, seed=seed)
+    logits[:, :, 1] = logits[:, :, 0] * 1.5  # correlated bits make the bound strict
+    exact = code_entropy(logits)
+    bound = code_entropy(logits, max_exact_bits=0, group_bits=group_bits)
+    assert (bound >= exact - 1e-12).all()
+    assert (bound <= 8 * math.log(2) + 1e-12).all()
+
+
+def test_grouped_bound_is_exact_for_one_token():
+    """A single token's distribution is a product over bits, so the groups are independent."""
+    logits = random_logits(1, 1, 9, seed=10)
+    torch.testing.assert_close(code_entropy(logits, max_exact_bits=0, group_bits=4), code_entropy(logits))
+
+
+def test_reduce_mean_hook_sees_each_mean_distribution():
+    logits = random_logits(5, 2, 10, seed=11)
+    seen = []
+
+    def uniform(dist):
+        seen.append(tuple(dist.shape))
+        return torch.full_like(dist, 1 / dist.shape[-1])
+
+    assert seen == [] and code_entropy(logits, reduce_mean=uniform, max_exact_bits=4, group_bits=4).shape == (2,)
+    assert seen == [(2, 2**3), (2, 2**4), (2, 2**3)]
+    torch.testing.assert_close(
+        code_entropy(logits, reduce_mean=uniform), torch.full((2,), 10 * math.log(2), dtype=torch.float64)
+    )

@@ -1,0 +1,351 @@
+"""Finite Scalar Quantization (FSQ): VQ-VAE Made Simple, Mentzer et al. 2023, arXiv 2309.15505.
+
+Each of the ``D = len(levels)`` code dimensions is bounded and rounded to one of ``L_i`` values; the
+implicit codebook is the product grid of ``prod(levels)`` points. A code's index is its mixed-radix number
+(see :mod:`vector_quantize_pytorch.core.radix`), so neither indices nor codes ever enumerate the grid.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from .core.estimators import attach_gradient
+from .core.layout import TokenLayout
+from .core.radix import (
+    INT64_CODEBOOK_LIMIT,
+    codebook_size_of,
+    digits_to_index,
+    index_dtype_for,
+    index_to_digits,
+    radix_basis,
+)
+from .core.validate import (
+    check_bool,
+    check_feature_size,
+    check_float,
+    check_input,
+    check_int,
+    check_int_sequence,
+    check_optional_bool,
+)
+
+IMPLICIT_CODEBOOK_MAX_CODES = 2**26  # `implicit_codebook` refuses to enumerate more codes than this
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` with a straight-through (identity) gradient; the value is exactly ``round(x)``."""
+    return attach_gradient(x.round(), x)
+
+
+def floor_ste(x: Tensor) -> Tensor:
+    """``floor(x)`` with a straight-through (identity) gradient; the value is exactly ``floor(x)``."""
+    return attach_gradient(x.floor(), x)
+
+
+def _check_dtypes(name: str, value) -> tuple[torch.dtype, ...]:
+    if isinstance(value, torch.dtype):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(d, torch.dtype) for d in value):
+        raise TypeError(f"{name} must be a tuple of torch.dtype, got {value!r}")
+    return tuple(value)
+
+
+class FSQ(nn.Module):
+    r"""Finite Scalar Quantization (Mentzer et al. 2023, arXiv 2309.15505).
+
+    The (optionally projected) input is split into ``num_codebooks`` groups of ``D = len(levels)`` values.
+    Value ``i`` of a group is bounded to ``L_i`` levels and rounded with a straight-through gradient:
+
+    * default bound (the paper's): ``round(tanh(z + shift) * h - offset) / (L // 2)`` with
+      ``h = (L - 1)(1 + eps) / 2``, ``offset = 0.5`` for even ``L`` (0 for odd) and ``shift = atanh(offset / h)``;
+    * ``preserve_symmetry=True`` (arXiv 2411.19842, section 3.2):
+      ``2 / (L - 1) * floor((L - 1)(tanh(z) + 1) / 2 + 0.5) - 1``, levels symmetric around 0.
+
+    The index of a code is the mixed-radix number of its per-dimension level indices with radices
+    ``levels`` (``index = sum_i d_i * prod_{j<i} L_j``), computed exactly in integers; indices are int32
+    when ``prod(levels) <= 2**31`` (as in the reference) and int64 beyond, up to ``2**63``. The codebook is
+    never enumerated: ``implicit_codebook`` is built only when read.
+
+    Quantization runs in float32 with autocast disabled (unless ``force_quantization_f32=False``), so the
+    indices are exact under bf16/fp16 autocast; the output has the input's dtype.
+
+    Args:
+        levels: number of levels of each code dimension; ``codebook_size = prod(levels)``. Every level must
+            be >= 2; a level of 2 needs ``preserve_symmetry=True`` (ValueError otherwise): with the default
+            bound the single boundary of a 2-level dimension sits at ``z = atanh(0.999) = -3.8``, so nearly
+            every input would map to the same level.
+        dim: input feature size. Default: ``len(levels) * num_codebooks``; if different, Linear projections
+            ``project_in`` / ``project_out`` are added.
+        num_codebooks: groups the projected features are split into, each quantized with ``levels``.
+        keep_num_codebooks_dim: keep a trailing codebook axis on the indices. Default: ``num_codebooks > 1``
+            (must be True then).
+        scale: accepted for compatibility with the reference and unused (as there).
+        allowed_dtypes: input dtypes quantized as they are; others are upcast to float32.
+        channel_first: input is ``(b, d, ...)``; inputs with 4 or more dimensions are always channel-first.
+        projection_has_bias: bias of the projections.
+        return_indices: compute indices (else ``forward`` returns None for them).
+        force_quantization_f32: quantize in float32 with autocast disabled.
+        preserve_symmetry: use the symmetry-preserving quantizer.
+        noise_dropout: in training, each quantized value is replaced with probability ``noise_dropout`` by
+            itself plus uniform noise in ``[-0.5, 0.5)``, clamped to ``[-1, 1]`` (needs
+            ``preserve_symmetry``). Indices are always those of the noise-free codes.
+        bound_hard_clamp: bound by clamping to ``[-1, 1]`` instead of ``tanh`` (for pre-clamped inputs).
+        orthogonal_rotation: rotate each group by a fixed random orthogonal matrix (buffer
+            ``orthogonal_rot``) before quantization and back after.
+
+    Shape:
+        - Input: ``(b, n, dim)``, ``(b, dim)``, channel-first ``(b, dim, n)`` with ``channel_first=True``,
+          images ``(b, dim, h, w)`` or video ``(b, dim, t, h, w)``.
+        - Output: ``(out, indices)``: ``out`` of the input's shape and dtype; ``indices`` ``(b, n)``,
+          ``(b,)``, ``(b, h, w)``, ``(b, t, h, w)``, with a trailing ``num_codebooks`` axis when
+          ``keep_num_codebooks_dim``; None when ``return_indices=False``.
+
+    Example::
+
+        >>> quantizer = FSQ(levels=[8, 5, 5, 5])
+        >>> x = torch.randn(1, 1024, 4)
+        >>> xhat, indices = quantizer(x)
+        >>> xhat.shape, indices.shape
+        (torch.Size([1, 1024, 4]), torch.Size([1, 1024]))
+        >>> assert torch.equal(xhat, quantizer.indices_to_codes(indices))
+    """
+
+    def __init__(
+        self,
+        levels: list[int] | tuple[int, ...],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+    ):
+        super().__init__()
+        levels = check_int_sequence("levels", levels, minimum=2)
+        preserve_symmetry = check_bool("preserve_symmetry", preserve_symmetry)
+        if 2 in levels and not preserve_symmetry:
+            raise ValueError(
+                f"levels={list(levels)} has a level of 2, which needs preserve_symmetry=True: with the default "
+                "bound a 2-level dimension maps nearly every input to one level. Use levels >= 3 or "
+                "preserve_symmetry=True"
+            )
+        num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
+        keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError(
+                f"keep_num_codebooks_dim must be True when num_codebooks > 1, got num_codebooks={num_codebooks}"
+            )
+        codebook_dim = len(levels)
+        effective_codebook_dim = codebook_dim * num_codebooks
+        dim = effective_codebook_dim if dim is None else check_int("dim", dim, minimum=1)
+        if scale is not None:
+            check_float("scale", scale)
+        allowed_dtypes = _check_dtypes("allowed_dtypes", allowed_dtypes)
+        noise_dropout = check_float("noise_dropout", noise_dropout, minimum=0.0, maximum=1.0)
+        if noise_dropout > 0 and not preserve_symmetry:
+            raise ValueError(f"noise_dropout={noise_dropout} needs preserve_symmetry=True")
+        return_indices = check_bool("return_indices", return_indices)
+        codebook_size = codebook_size_of(levels)
+        if return_indices and codebook_size > INT64_CODEBOOK_LIMIT:
+            raise ValueError(
+                f"levels={list(levels)} give {codebook_size} codes, more than int64 indices can number "
+                f"({INT64_CODEBOOK_LIMIT}); use fewer levels or return_indices=False"
+            )
+
+        self.levels = tuple(levels)
+        self.codebook_dim = codebook_dim
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = effective_codebook_dim
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = dim
+        self.scale = scale
+        self.allowed_dtypes = allowed_dtypes
+        self.channel_first = check_bool("channel_first", channel_first)
+        self.return_indices = return_indices
+        self.force_quantization_f32 = check_bool("force_quantization_f32", force_quantization_f32)
+        self.preserve_symmetry = preserve_symmetry
+        self.noise_dropout = noise_dropout
+        self.bound_hard_clamp = check_bool("bound_hard_clamp", bound_hard_clamp)
+        self.orthogonal_rotation = check_bool("orthogonal_rotation", orthogonal_rotation)
+        projection_has_bias = check_bool("projection_has_bias", projection_has_bias)
+
+        self.has_projections = dim != effective_codebook_dim
+        if self.has_projections:
+            self.project_in = nn.Linear(dim, effective_codebook_dim, bias=projection_has_bias)
+            self.project_out = nn.Linear(effective_codebook_dim, dim, bias=projection_has_bias)
+        else:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
+        self.register_buffer("_basis", radix_basis(levels), persistent=False)
+
+        if self.orthogonal_rotation:
+            if len(set(levels)) > 1:
+                warnings.warn(
+                    "orthogonal_rotation is not recommended for FSQ with levels that differ across dimensions",
+                    stacklevel=2,
+                )
+            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """int32 when ``codebook_size <= 2**31`` (the reference's dtype), else int64."""
+        return index_dtype_for(self.codebook_size)
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """Every code of the grid, ``(codebook_size, codebook_dim)`` float32, in index order (built on each read)."""
+        if self.codebook_size > IMPLICIT_CODEBOOK_MAX_CODES:
+            raise RuntimeError(
+                f"implicit_codebook would enumerate {self.codebook_size} codes (limit {IMPLICIT_CODEBOOK_MAX_CODES}); "
+                "decode the indices you need with indices_to_codes instead"
+            )
+        indices = torch.arange(self.codebook_size, device=self._levels.device)
+        return self._level_indices_to_codes(self.indices_to_level_indices(indices))
+
+    # quantization
+
+    def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
+        """The paper's bound-and-round: ``(..., codebook_dim)`` -> codes in ``[-1, 1]``, same shape."""
+        levels = self._levels
+        half_range = (levels - 1) * (1 + eps) / 2
+        offset = (levels % 2 == 0) * 0.5
+        shift = offset / half_range
+        if hard_clamp:
+            bounded = (z + shift).clamp(-1.0, 1.0) * half_range - offset
+        else:
+            bounded = torch.tanh(z + torch.atanh(shift)) * half_range - offset
+        return round_ste(bounded) / (levels // 2)
+
+    def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
+        """``2 / (L - 1) * floor((L - 1)(tanh(z) + 1) / 2 + 0.5) - 1`` (arXiv 2411.19842, section 3.2)."""
+        levels_minus_1 = self._levels - 1
+        squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
+        level_index = floor_ste((levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
+        return (2.0 / levels_minus_1) * level_index - 1.0
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """Quantize ``(..., codebook_dim)`` to codes of the same shape, straight-through gradient."""
+        if self.preserve_symmetry:
+            return self.symmetry_preserving_bound(z, hard_clamp=self.bound_hard_clamp)
+        return self.bound(z, hard_clamp=self.bound_hard_clamp)
+
+    def maybe_apply_noise(self, codes: Tensor) -> Tensor:
+        """Noise dropout (training only): see ``noise_dropout``."""
+        if not self.training or self.noise_dropout == 0:
+            return codes
+        replace = torch.rand_like(codes) < self.noise_dropout
+        noisy = codes + (torch.rand_like(codes) - 0.5)
+        return torch.where(replace, noisy, codes).clamp(-1.0, 1.0)
+
+    # index arithmetic
+
+    def _codes_to_level_indices(self, codes: Tensor) -> Tensor:
+        if codes.dtype not in (torch.float32, torch.float64):
+            codes = codes.float()
+        levels = self._levels
+        if self.preserve_symmetry:
+            level_index = (codes + 1.0) / (2.0 / (levels - 1))
+        else:
+            level_index = codes * (levels // 2) + levels // 2
+        return level_index.detach().round().long().clamp(min=0).minimum(levels - 1)
+
+    def _level_indices_to_codes(self, level_indices: Tensor) -> Tensor:
+        levels = self._levels
+        if self.preserve_symmetry:
+            return (2.0 / (levels - 1)) * level_indices.long() - 1.0
+        half_width = levels // 2
+        return (level_indices.long() - half_width) / half_width
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Codes ``(..., codebook_dim)`` -> indices ``(...)`` (exact integer arithmetic).
+
+        Each value is rounded to its nearest level first (and clamped into range), so codes perturbed by
+        noise dropout or low precision still give valid indices.
+        """
+        if zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(
+                f"zhat must have {self.codebook_dim} values on its last axis, got shape {tuple(zhat.shape)}"
+            )
+        return digits_to_index(self._codes_to_level_indices(zhat), self._basis).to(self.index_dtype)
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """Indices ``(...)`` -> level index of every code dimension ``(..., codebook_dim)``, in ``[0, L_i)``."""
+        return index_to_digits(indices, self._basis, self._levels).to(self.index_dtype)
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Inverse of the forward's indices: the output the forward gave for them (in eval mode).
+
+        Args:
+            indices: as returned by ``forward``.
+            project_out: apply ``project_out`` (else return codes of size ``codebook_dim * num_codebooks``).
+
+        Returns:
+            ``(..., d)`` codes; channel-first ``(b, d, ...)`` for image/video indices or ``channel_first``.
+        """
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self._level_indices_to_codes(self.indices_to_level_indices(indices))
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t().to(codes.dtype)
+        if self.keep_num_codebooks_dim:
+            codes = codes.flatten(-2)
+        if project_out and self.has_projections:
+            codes = self.project_out(codes.to(self.project_out.weight.dtype))
+        if is_img_or_video or self.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    # forward
+
+    def _quantization_context(self, device: torch.device):
+        if self.force_quantization_f32:
+            return torch.autocast(device.type, enabled=False)
+        return nullcontext()
+
+    def _quantize_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(b, n, c * D)`` projected tokens -> (codes of the same shape and dtype, indices ``(b, n, c)``)."""
+        with self._quantization_context(tokens.device):
+            z = tokens
+            if self.force_quantization_f32 and z.dtype not in self.allowed_dtypes:
+                z = z.float()
+            z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            if self.orthogonal_rotation:
+                z = z @ self.orthogonal_rot.to(z.dtype)
+            codes = self.quantize(z)
+            indices = self.codes_to_indices(codes) if self.return_indices else None
+            codes = self.maybe_apply_noise(codes)
+            if self.orthogonal_rotation:
+                codes = codes @ self.orthogonal_rot.t().to(codes.dtype)
+            return codes.flatten(-2).to(tokens.dtype), indices
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Quantize ``z``; returns ``(out, indices)`` (see the class docstring for shapes)."""
+        check_input("z", z, min_ndim=2)
+        channel_first = self.channel_first or z.ndim >= 4
+        layout = TokenLayout.of(z, channel_first=channel_first)
+        feature_axis = 1 if channel_first or z.ndim == 2 else -1
+        check_feature_size("z", z, feature_axis, self.dim, "(b, d, ...)" if channel_first else "(b, ..., d)")
+
+        tokens = self.project_in(layout.to_tokens(z))
+        codes, indices = self._quantize_tokens(tokens)
+        out = layout.from_tokens(self.project_out(codes)).to(z.dtype)
+
+        if indices is not None:
+            indices = layout.indices_from_tokens(indices)
+            if not self.keep_num_codebooks_dim:
+                indices = indices.squeeze(-1)
+        return out, indices

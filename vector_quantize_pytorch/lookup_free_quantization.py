@@ -1,0 +1,405 @@
+"""Lookup-Free Quantization (LFQ, MAGVIT-v2, Yu et al. 2023, arXiv 2310.05737) and its spherical variant
+(BSQ, Zhao et al. 2024, arXiv 2406.07548).
+
+Each code dimension is quantized to its sign, ``+-codebook_scale``; a code's index is its bits, most
+significant first. An entropy loss pushes each token towards a confident code (low per-sample entropy)
+and the batch towards using every code (high batch entropy); both are computed without enumerating the
+``2^K`` codes (see :mod:`vector_quantize_pytorch.core.entropy`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core.entropy import code_entropy, per_sample_entropy, token_weights
+from .core.estimators import straight_through
+from .core.layout import TokenLayout, check_mask
+from .core.radix import bit_weights, bits_to_index, index_to_bits
+from .core.validate import (
+    check_bool,
+    check_feature_size,
+    check_float,
+    check_input,
+    check_int,
+    check_optional_bool,
+)
+
+Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
+
+LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+
+MAX_CODEBOOK_BITS = 63  # indices are int64
+CODEBOOK_MAX_CODES = 2**26  # the `codebook` property refuses to enumerate more codes than this
+
+
+class CosineSimLinear(nn.Module):
+    """``normalize(x) @ normalize(W, dim=0) * scale``: a projection whose outputs are cosine similarities.
+
+    Args:
+        dim_in: input features.
+        dim_out: output features.
+        scale: multiplies the cosine similarities.
+
+    Shape:
+        ``(..., dim_in)`` -> ``(..., dim_out)``. The parameter ``weight`` is ``(dim_in, dim_out)``.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.randn(dim_in, dim_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0) * self.scale
+
+
+def sample_token_subset(mask: Tensor | None, num_tokens: int, fraction: float, device) -> Tensor:
+    """A random ``(n,)`` bool selection of ``max(1, floor(fraction * count))`` of the tokens where ``mask``
+    is True (all ``n`` when None). No host synchronisation: the count stays a tensor."""
+    scores = torch.rand(num_tokens, device=device)
+    if mask is not None:
+        scores = scores + (~mask).to(scores.dtype) * 2  # excluded tokens rank last
+    rank = scores.argsort().argsort()
+    if mask is None:
+        return rank < max(1, math.floor(num_tokens * fraction))
+    keep = rank < (mask.sum() * fraction).floor().clamp(min=1)
+    return keep & mask
+
+
+class LFQ(nn.Module):
+    r"""Lookup-free quantization (MAGVIT-v2, arXiv 2310.05737); ``spherical=True`` is BSQ (arXiv 2406.07548).
+
+    The (optionally projected) input is split into ``num_codebooks`` groups of ``K = log2(codebook_size)``
+    values; each value is quantized to ``+codebook_scale`` if positive else ``-codebook_scale`` (with
+    ``spherical``, inputs and codes are l2-normalised per group and multiplied by ``codebook_scale``).
+    The index of a code is its bits, most significant first: ``index = sum_k [x_k > 0] * 2^(K-1-k)``.
+    Gradients pass straight through (after ``straight_through_activation``).
+
+    In training the auxiliary loss is
+
+        entropy_loss_weight * (H_sample - diversity_gamma * H_batch) + commitment_loss_weight * commitment
+
+    where ``q(c | x) = softmax_c(2 * inv_temperature * <x, c>)`` over the ``2^K`` codes ``c``,
+    ``H_sample`` is the mean over tokens of ``H(q(. | x))`` and ``H_batch`` is ``H(mean_x q(. | x))``
+    (both averaged over codebooks), and ``commitment`` is the MSE between the input and its code.
+    ``H_sample`` is exact and O(K) per token (the softmax factorises into per-bit sigmoids
+    ``p_k = sigmoid(4 * inv_temperature * s * x_k)``, ``s`` the code value). ``H_batch`` is exact up to
+    ``EXACT_CODE_ENTROPY_MAX_BITS`` bits, computed as one chunked ``2^(K/2) x 2^(K/2)`` product; beyond,
+    it is the BSQ grouped estimate, an upper bound of the exact value (subadditivity of entropy), so
+    ``codebook_size=2**32`` trains. Entropies are exact ``-sum p log p``; the reference clamps ``p`` to
+    ``1e-5`` inside the log, which undercounts rare codes (the values agree when every code has
+    probability above ``1e-5``). Masked-out tokens change neither entropy nor commitment;
+    ``frac_per_sample_entropy < 1`` averages ``H_sample`` over a random subset of tokens while ``H_batch``
+    always uses every token. In eval mode the loss is a 0-dim zero.
+
+    Args:
+        dim: input feature size. Default: ``log2(codebook_size) * num_codebooks``.
+        codebook_size: codes per codebook, a power of 2 (at least one of ``dim``, ``codebook_size``).
+            Default: ``2 ** dim``.
+        entropy_loss_weight: weight of the entropy term.
+        commitment_loss_weight: weight of the commitment MSE.
+        diversity_gamma: weight of the batch entropy inside the entropy term.
+        straight_through_activation: module applied to the input before the straight-through estimator.
+        num_codebooks: groups of ``K`` bits; the entropies are taken per group.
+        keep_num_codebooks_dim: keep a trailing codebook axis on the indices. Default: ``num_codebooks > 1``.
+        codebook_scale: code values ``+-codebook_scale`` (residual LFQ halves it per layer).
+        frac_per_sample_entropy: fraction of tokens, in ``(0, 1]``, averaged for the per-sample entropy.
+        has_projections: Linear ``project_in`` / ``project_out``. Default: ``dim != K * num_codebooks``.
+        projection_has_bias: bias of the projections.
+        soft_clamp_input_value: if given, ``tanh(x / v) * v`` after ``project_in`` (``v >= codebook_scale``).
+        cosine_sim_project_in: ``project_in`` is a :class:`CosineSimLinear`.
+        cosine_sim_project_in_scale: its scale. Default: ``codebook_scale``.
+        channel_first: input is ``(b, d, ...)``. Default: True exactly for inputs of 4 or more dimensions.
+        experimental_softplus_entropy_loss: entropy term becomes ``softplus(term + entropy_loss_offset)``.
+        entropy_loss_offset: the shift above.
+        spherical: BSQ: l2-normalise inputs and codes per group (times ``codebook_scale``).
+        force_quantization_f32: quantize and compute the losses in float32 (float64 inputs stay float64)
+            with autocast disabled.
+        orthogonal_rotation: rotate each group by a fixed random orthogonal matrix (buffer ``orthogonal_rot``).
+
+    Shape:
+        - Input: ``(b, n, dim)``, ``(b, dim)``, images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``
+          (channel-first by default from 4 dimensions on), or ``(b, dim, n)`` with ``channel_first=True``.
+          ``mask``: ``(b, n)`` (or ``(b, *spatial)``) bool, True for tokens that count in the losses.
+        - Output: ``Return(quantized, indices, entropy_aux_loss)``: ``quantized`` of the input's shape and
+          dtype; int64 ``indices`` ``(b, n)`` / ``(b, h, w)`` / ``(b, t, h, w)``, with a trailing
+          ``num_codebooks`` axis when ``keep_num_codebooks_dim``; a 0-dim loss. With
+          ``return_loss_breakdown=True``: ``(Return, LossBreakdown(per_sample_entropy, batch_entropy,
+          commitment))``.
+
+    Example::
+
+        >>> quantizer = LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0)
+        >>> image_feats = torch.randn(1, 16, 32, 32)
+        >>> quantized, indices, entropy_aux_loss = quantizer(image_feats, inv_temperature=100.0)
+        >>> quantized.shape, indices.shape, entropy_aux_loss.shape
+        (torch.Size([1, 16, 32, 32]), torch.Size([1, 32, 32]), torch.Size([]))
+        >>> assert (quantized == quantizer.indices_to_codes(indices)).all()
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        entropy_loss_weight: float = 0.1,
+        commitment_loss_weight: float = 0.0,
+        diversity_gamma: float = 1.0,
+        straight_through_activation: nn.Module = nn.Identity(),
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        codebook_scale: float = 1.0,
+        frac_per_sample_entropy: float = 1.0,
+        has_projections: bool | None = None,
+        projection_has_bias: bool = True,
+        soft_clamp_input_value: float | None = None,
+        cosine_sim_project_in: bool = False,
+        cosine_sim_project_in_scale: float | None = None,
+        channel_first: bool | None = None,
+        experimental_softplus_entropy_loss: bool = False,
+        entropy_loss_offset: float = 5.0,
+        spherical: bool = False,
+        force_quantization_f32: bool = True,
+        orthogonal_rotation: bool = False,
+    ):
+        super().__init__()
+        if dim is None and codebook_size is None:
+            raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
+        if codebook_size is None:
+            codebook_size = 2 ** check_int("dim", dim, minimum=1, maximum=MAX_CODEBOOK_BITS)
+        codebook_size = check_int("codebook_size", codebook_size, minimum=2, maximum=2**MAX_CODEBOOK_BITS)
+        if codebook_size & (codebook_size - 1):
+            raise ValueError(
+                f"codebook_size must be a power of 2, got {codebook_size} (nearest above: "
+                f"{2 ** codebook_size.bit_length()})"
+            )
+        num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
+        codebook_dim = codebook_size.bit_length() - 1
+        codebook_dims = codebook_dim * num_codebooks
+        dim = codebook_dims if dim is None else check_int("dim", dim, minimum=1)
+        has_projections = check_optional_bool("has_projections", has_projections)
+        has_projections = dim != codebook_dims if has_projections is None else has_projections
+        if not has_projections and dim != codebook_dims:
+            raise ValueError(
+                "has_projections=False needs dim == log2(codebook_size) * num_codebooks = "
+                f"{codebook_dims}, got dim={dim}"
+            )
+        keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError(
+                f"keep_num_codebooks_dim must be True when num_codebooks > 1, got num_codebooks={num_codebooks}"
+            )
+        if not callable(straight_through_activation):
+            raise TypeError(
+                f"straight_through_activation must be a callable module, got {straight_through_activation!r}"
+            )
+        codebook_scale = check_float("codebook_scale", codebook_scale, minimum=0.0, min_exclusive=True)
+        if soft_clamp_input_value is not None:
+            soft_clamp_input_value = check_float("soft_clamp_input_value", soft_clamp_input_value)
+            if soft_clamp_input_value < codebook_scale:
+                raise ValueError(
+                    f"soft_clamp_input_value must be >= codebook_scale={codebook_scale}, got {soft_clamp_input_value}"
+                )
+        cosine_sim_project_in = check_bool("cosine_sim_project_in", cosine_sim_project_in)
+        if cosine_sim_project_in_scale is not None:
+            cosine_sim_project_in_scale = check_float("cosine_sim_project_in_scale", cosine_sim_project_in_scale)
+        projection_has_bias = check_bool("projection_has_bias", projection_has_bias)
+
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.has_projections = has_projections
+        self.entropy_loss_weight = check_float("entropy_loss_weight", entropy_loss_weight, minimum=0.0)
+        self.commitment_loss_weight = check_float("commitment_loss_weight", commitment_loss_weight, minimum=0.0)
+        self.diversity_gamma = check_float("diversity_gamma", diversity_gamma, minimum=0.0)
+        self.activation = straight_through_activation
+        self.codebook_scale = codebook_scale
+        self.frac_per_sample_entropy = check_float(
+            "frac_per_sample_entropy", frac_per_sample_entropy, minimum=0.0, maximum=1.0, min_exclusive=True
+        )
+        self.soft_clamp_input_value = soft_clamp_input_value
+        self.channel_first = check_optional_bool("channel_first", channel_first)
+        self.experimental_softplus_entropy_loss = check_bool(
+            "experimental_softplus_entropy_loss", experimental_softplus_entropy_loss
+        )
+        self.entropy_loss_offset = check_float("entropy_loss_offset", entropy_loss_offset)
+        self.spherical = check_bool("spherical", spherical)
+        self.force_quantization_f32 = check_bool("force_quantization_f32", force_quantization_f32)
+        self.orthogonal_rotation = check_bool("orthogonal_rotation", orthogonal_rotation)
+
+        if not has_projections:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+        else:
+            if cosine_sim_project_in:
+                scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
+                self.project_in = CosineSimLinear(dim, codebook_dims, scale=scale)
+            else:
+                self.project_in = nn.Linear(dim, codebook_dims, bias=projection_has_bias)
+            self.project_out = nn.Linear(codebook_dims, dim, bias=projection_has_bias)
+
+        if self.orthogonal_rotation:
+            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+        self.register_buffer("mask", bit_weights(codebook_dim))  # weight of each bit; the only state_dict key
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)  # carries the module's float dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Float dtype of the module's codes (float32 unless the module was cast)."""
+        return self.zero.dtype
+
+    @property
+    def codebook(self) -> Tensor:
+        """Every code ``(codebook_size, codebook_dim)``, values ``+-codebook_scale``, in index order (built on
+        each read; not l2-normalised, as the reference's buffer)."""
+        if self.codebook_size > CODEBOOK_MAX_CODES:
+            raise RuntimeError(
+                f"codebook would enumerate {self.codebook_size} codes (limit {CODEBOOK_MAX_CODES}); "
+                "decode the indices you need with indices_to_codes instead"
+            )
+        indices = torch.arange(self.codebook_size, device=self.mask.device)
+        return self.bits_to_codes(index_to_bits(indices, self.mask).to(self.dtype))
+
+    def bits_to_codes(self, bits: Tensor) -> Tensor:
+        """Bits (0/1) -> code values ``+-codebook_scale``."""
+        return bits * self.codebook_scale * 2 - self.codebook_scale
+
+    def _maybe_l2norm(self, t: Tensor) -> Tensor:
+        return F.normalize(t, dim=-1) * self.codebook_scale if self.spherical else t
+
+    def _codes_from_bits(self, bits: Tensor, dtype: torch.dtype) -> Tensor:
+        """Bool bits ``(..., K)`` -> quantized values ``(..., K)`` as the forward returns them (pre-rotation)."""
+        value = torch.tensor(self.codebook_scale, dtype=dtype, device=bits.device)
+        return self._maybe_l2norm(torch.where(bits, value, -value))
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if not self.force_quantization_f32:
+            return dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """Indices as the forward returns them -> the output the forward gave for them (in eval mode).
+
+        Args:
+            indices: int indices ``(b, ...)`` (with a trailing codebook axis when ``keep_num_codebooks_dim``).
+            project_out: apply ``project_out`` (else return codes of size ``codebook_dim * num_codebooks``).
+
+        Returns:
+            ``(b, ..., d)``, or channel-first ``(b, d, ...)`` for image/video indices (or per ``channel_first``).
+        """
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        transpose = is_img_or_video if self.channel_first is None else self.channel_first
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = self._codes_from_bits(index_to_bits(indices, self.mask), self._compute_dtype(self.dtype))
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t().to(codes.dtype)
+        codes = codes.flatten(-2).to(self.dtype)
+        if project_out:
+            codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if transpose else codes
+
+    # losses
+
+    def _bit_logits(self, h: Tensor, inv_temperature) -> Tensor:
+        """Per-bit logits ``4 * inv_temperature * s * x_k`` of the softmax over corners (``s`` a code value)."""
+        code_value = self.codebook_scale / math.sqrt(self.codebook_dim) if self.spherical else self.codebook_scale
+        return h.flatten(0, 1) * (4 * code_value * inv_temperature)
+
+    def _entropy_terms(self, h: Tensor, token_mask: Tensor | None, inv_temperature) -> tuple[Tensor, Tensor]:
+        bit_logits = self._bit_logits(h, inv_temperature)  # (b n) c k
+        num_tokens = bit_logits.shape[0]
+        weights = token_weights(token_mask, num_tokens, dtype=bit_logits.dtype, device=bit_logits.device)
+        sample_weights = weights
+        if self.frac_per_sample_entropy < 1:
+            subset = sample_token_subset(token_mask, num_tokens, self.frac_per_sample_entropy, bit_logits.device)
+            sample_weights = token_weights(subset, num_tokens, dtype=bit_logits.dtype, device=bit_logits.device)
+        sample_entropy = per_sample_entropy(bit_logits, sample_weights)
+        # distributed training: pass a differentiable all-reduce mean as reduce_mean here
+        batch_entropy = code_entropy(bit_logits, weights, reduce_mean=None).mean()
+        return sample_entropy, batch_entropy
+
+    def _commitment(self, h: Tensor, quantized: Tensor, token_mask: Tensor | None) -> Tensor:
+        per_token = (h - quantized.detach()).square().flatten(-2).mean(-1).flatten()
+        return (per_token * token_weights(token_mask, per_token.shape[0], dtype=h.dtype, device=h.device)).sum()
+
+    def _aux_losses(
+        self, h: Tensor, quantized: Tensor, token_mask: Tensor | None, inv_temperature, need_entropies: bool
+    ) -> tuple[Tensor, LossBreakdown]:
+        zero = h.new_zeros(())
+        if not self.training:
+            return zero, LossBreakdown(zero, zero, zero)
+        sample_entropy = batch_entropy = entropy_loss = zero
+        if self.entropy_loss_weight > 0 or need_entropies:
+            sample_entropy, batch_entropy = self._entropy_terms(h, token_mask, inv_temperature)
+            entropy_loss = sample_entropy - self.diversity_gamma * batch_entropy
+            if self.experimental_softplus_entropy_loss:
+                entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
+        commitment = self._commitment(h, quantized, token_mask) if self.commitment_loss_weight > 0 else zero
+        aux_loss = entropy_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
+        return aux_loss, LossBreakdown(sample_entropy, batch_entropy, commitment)
+
+    # forward
+
+    def _token_mask(self, mask: Tensor | None, layout: TokenLayout, batch: int) -> Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor of shape (batch, seq), got {type(mask).__name__}")
+        return check_mask(layout.mask_to_tokens(mask), batch, layout.num_tokens).flatten()
+
+    def forward(
+        self,
+        x: Tensor,
+        inv_temperature: float = 100.0,
+        return_loss_breakdown: bool = False,
+        mask: Tensor | None = None,
+    ):
+        """Quantize ``x``; returns ``Return(quantized, indices, entropy_aux_loss)`` (see the class docstring)."""
+        check_input("x", x, min_ndim=2)
+        if not isinstance(inv_temperature, Tensor):
+            inv_temperature = check_float("inv_temperature", inv_temperature, minimum=0.0)
+        channel_first = x.ndim >= 4 if self.channel_first is None else self.channel_first
+        layout = TokenLayout.of(x, channel_first=channel_first)
+        check_feature_size(
+            "x", x, 1 if channel_first else -1, self.dim, "(b, d, ...)" if channel_first else "(b, ..., d)"
+        )
+        token_mask = self._token_mask(mask, layout, x.shape[0])
+
+        tokens = self.project_in(layout.to_tokens(x))
+        if self.soft_clamp_input_value is not None:
+            tokens = (tokens / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+
+        context = torch.autocast(tokens.device.type, enabled=False) if self.force_quantization_f32 else nullcontext()
+        with context:
+            h = tokens.to(self._compute_dtype(tokens.dtype)).unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            if self.orthogonal_rotation:
+                h = h @ self.orthogonal_rot.to(h.dtype)
+            h = self._maybe_l2norm(h)
+
+            bits = h > 0
+            indices = bits_to_index(bits, self.mask)  # b n c
+            quantized = self._codes_from_bits(bits, h.dtype)
+            out = straight_through(self.activation(h), quantized) if self.training else quantized
+            aux_loss, breakdown = self._aux_losses(h, quantized, token_mask, inv_temperature, return_loss_breakdown)
+
+            if self.orthogonal_rotation:
+                out = out @ self.orthogonal_rot.t().to(out.dtype)
+            out = out.flatten(-2).to(tokens.dtype)
+
+        out = layout.from_tokens(self.project_out(out)).to(x.dtype)
+        indices = layout.indices_from_tokens(indices)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+
+        ret = Return(out, indices, aux_loss)
+        return (ret, breakdown) if return_loss_breakdown else ret
