@@ -1,0 +1,209 @@
+"""SimVQ: vector quantization with a frozen random codebook and a learned linear map of it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import estimators
+from .core.layout import TokenLayout
+from .core.search import gather_codes, nearest_codes
+from .core.validate import check_bool, check_feature_size, check_float, check_input, check_int
+
+
+def identity(t: Tensor) -> Tensor:
+    return t
+
+
+class SimVQ(nn.Module):
+    r"""SimVQ (Zhu et al. 2025, "Addressing Representation Collapse in Vector Quantized Models with One
+    Linear Layer", arXiv 2411.02038).
+
+    The codebook is implicit: a frozen Gaussian matrix ``C`` (``K x f``, entries ``N(0, 1/f)``) mapped by a
+    learned ``codebook_transform`` ``W`` (``Linear(f, dim, bias=False)`` by default, any ``nn.Module`` acting
+    on the last axis allowed), so that every code moves whenever ``W`` learns and none is left dead. Each
+    input vector is replaced by its nearest code of ``W(C)``::
+
+        k_i = argmin_k |x_i - W(C)_k|^2,      q_i = W(C)_{k_i}
+        loss = (|sg(x) - q|^2 + beta |x - sg(q)|^2) * commitment_weight
+
+    with ``beta = input_to_quantize_commit_loss_weight`` (mean squared errors). The first term trains
+    ``W``; gradients reach the input through the rotation trick (Fifty et al. 2024) or, with
+    ``rotation_trick=False``, the straight-through estimator.
+
+    ``W(C)`` is computed once per forward in float32 (autocast disabled); the nearest-code search works in
+    bounded memory and carries no gradient. As in the reference, the loss is also computed in eval mode
+    (it is then only a measurement: nothing is updated).
+
+    Args:
+        dim: input feature size (and code size).
+        codebook_size: number of codes ``K``.
+        codebook_transform: module mapping frozen codes ``(K, f)`` to codes ``(K, dim)`` (default
+            ``Linear(f, dim, bias=False)``).
+        init_fn: applied once to the frozen Gaussian codebook at construction; must return a ``(K, f)`` tensor.
+        channel_first: inputs are ``(b, dim, ...)`` instead of ``(b, ..., dim)``.
+        rotation_trick: rotation-trick gradient estimator (else straight-through).
+        input_to_quantize_commit_loss_weight: weight ``beta`` of ``|x - sg(q)|^2``.
+        commitment_weight: weight of the whole loss.
+        frozen_codebook_dim: ``f``, the size of the frozen codes (default ``dim``).
+
+    Shape:
+        - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(b, n)`` int64, loss ``()``
+        - input ``(b, ..., dim)`` -> ``(b, ..., dim)``, ``(b, ...)``; a single token ``(b, dim)`` -> ``(b,)``
+        - ``channel_first=True``: ``(b, dim, ...)`` -> ``(b, dim, ...)``, ``(b, ...)``
+
+    Returns:
+        ``(quantized, indices, loss)``.
+
+    Example::
+
+        >>> sim_vq = SimVQ(dim=512, codebook_size=1024)
+        >>> x = torch.randn(1, 1024, 512)
+        >>> quantized, indices, loss = sim_vq(x)
+        >>> quantized.shape, indices.shape
+        (torch.Size([1, 1024, 512]), torch.Size([1, 1024]))
+        >>> torch.equal(sim_vq.eval()(x)[0], sim_vq.indices_to_codes(indices))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_transform: nn.Module | None = None,
+        init_fn: Callable[[Tensor], Tensor] = identity,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        input_to_quantize_commit_loss_weight: float = 0.25,
+        commitment_weight: float = 1.0,
+        frozen_codebook_dim: int | None = None,
+    ):
+        super().__init__()
+        check_int("dim", dim, minimum=1)
+        check_int("codebook_size", codebook_size, minimum=1)
+        if codebook_transform is not None and not isinstance(codebook_transform, nn.Module):
+            raise TypeError(f"codebook_transform must be an nn.Module or None, got {type(codebook_transform).__name__}")
+        if not callable(init_fn):
+            raise TypeError(f"init_fn must be a callable tensor -> tensor, got {type(init_fn).__name__}")
+        check_bool("channel_first", channel_first)
+        check_bool("rotation_trick", rotation_trick)
+        check_float("input_to_quantize_commit_loss_weight", input_to_quantize_commit_loss_weight, minimum=0.0)
+        check_float("commitment_weight", commitment_weight, minimum=0.0)
+        if frozen_codebook_dim is not None:
+            check_int("frozen_codebook_dim", frozen_codebook_dim, minimum=1)
+
+        frozen_dim = dim if frozen_codebook_dim is None else frozen_codebook_dim
+        frozen = _initial_frozen_codebook(codebook_size, frozen_dim, init_fn)
+
+        self.dim = dim
+        self.codebook_dim = dim
+        self.codebook_size = codebook_size
+        self.frozen_codebook_dim = frozen_dim
+        self.channel_first = channel_first
+        self.rotation_trick = rotation_trick
+        self.input_to_quantize_commit_loss_weight = float(input_to_quantize_commit_loss_weight)
+        self.commitment_weight = float(commitment_weight)
+
+        # created after the frozen codes so that one seed gives the reference's module
+        if codebook_transform is None:
+            codebook_transform = nn.Linear(frozen_dim, dim, bias=False)
+        self.code_transform = codebook_transform
+        self.register_buffer("frozen_codebook", frozen)
+
+    # ------------------------------------------------------------------ codebook
+
+    @property
+    def codebook(self) -> Tensor:
+        """The implicit codebook ``W(C)``: ``(K, dim)`` float32, differentiable in the transform."""
+        return self.implicit_codebook()
+
+    def implicit_codebook(self) -> Tensor:
+        """``codebook_transform(frozen_codebook)`` in float32 with autocast disabled.
+
+        Shape:
+            - output: ``(K, dim)``
+        """
+        with torch.autocast(self.frozen_codebook.device.type, enabled=False):
+            codes = self.code_transform(self.frozen_codebook)
+        if not isinstance(codes, Tensor) or codes.shape != (self.codebook_size, self.dim):
+            got = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(
+                f"codebook_transform must map the frozen codebook {tuple(self.frozen_codebook.shape)} to "
+                f"(codebook_size, dim) = {(self.codebook_size, self.dim)}, got {got}"
+            )
+        return codes.float()
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Codes for indices as forward returns them: equal to the eval forward's output. Index -1 gives a
+        zero vector.
+
+        Shape:
+            - indices: ``(b, ...)`` int
+            - output: ``(b, ..., dim)``, or ``(b, dim, ...)`` with ``channel_first``
+        """
+        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise TypeError("indices must be an integer torch.Tensor")
+        idx = indices.long()
+        codes = gather_codes(self.implicit_codebook().unsqueeze(0), idx.clamp(min=0).unsqueeze(0))[0]
+        codes = torch.where((idx >= 0).unsqueeze(-1), codes, torch.zeros_like(codes))
+        if self.channel_first and codes.ndim >= 3:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        layout = self._layout(x)
+        tokens = layout.to_tokens(x)
+        b, n, d = tokens.shape
+        flat = tokens.reshape(1, b * n, d).float()
+
+        codebook = self.implicit_codebook().unsqueeze(0)  # (1, K, d)
+        indices = nearest_codes(flat.detach(), codebook.detach())  # (1, N)
+        quantized = gather_codes(codebook, indices)  # (1, N, d), differentiable in the transform
+
+        loss = self._commitment_loss(flat, quantized)
+        out = self._route_gradients(flat, quantized)
+
+        out = layout.from_tokens(out.reshape(b, n, d).to(x.dtype))
+        return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
+
+    def _layout(self, x: Tensor) -> TokenLayout:
+        check_input("x", x)
+        layout = TokenLayout.of(x, channel_first=self.channel_first)
+        if layout.single_token or not self.channel_first:
+            check_feature_size("x", x, -1, self.dim, "(b, ..., dim)")
+        else:
+            check_feature_size("x", x, 1, self.dim, "(b, dim, ...)")
+        return layout
+
+    def _commitment_loss(self, flat: Tensor, quantized: Tensor) -> Tensor:
+        """``(|sg(x) - q|^2 + beta |x - sg(q)|^2) * commitment_weight`` as means over all elements."""
+        codebook_term = F.mse_loss(quantized, flat.detach())
+        input_term = F.mse_loss(flat, quantized.detach())
+        return (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
+
+    def _route_gradients(self, flat: Tensor, quantized: Tensor) -> Tensor:
+        """Forward value exactly ``q``; the gradient reaches the input only (never the transform)."""
+        if not flat.requires_grad:
+            return quantized.detach()
+        if self.rotation_trick:
+            return estimators.rotation_trick(flat, quantized.detach())
+        return estimators.straight_through(flat, quantized.detach())
+
+
+def _initial_frozen_codebook(codebook_size: int, frozen_dim: int, init_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Gaussian codes with variance ``1 / frozen_dim`` per entry, passed through ``init_fn``."""
+    codes = init_fn(torch.randn(codebook_size, frozen_dim) * frozen_dim**-0.5)
+    if not isinstance(codes, Tensor) or codes.shape != (codebook_size, frozen_dim):
+        got = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+        raise ValueError(
+            f"init_fn must return a tensor of shape (codebook_size, frozen_codebook_dim) = "
+            f"{(codebook_size, frozen_dim)}, got {got}"
+        )
+    if not torch.is_floating_point(codes):
+        raise TypeError(f"init_fn must return a floating point tensor, got dtype {codes.dtype}")
+    return codes
