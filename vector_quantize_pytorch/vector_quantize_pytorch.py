@@ -469,11 +469,11 @@ class VectorQuantize(nn.Module):
                 accumulate=accum_ema_update,
             )
 
-        if indices is not None:
-            return self._cross_entropy_path(flat, codes, quantize, indices, layout, b, n, token_valid)
-
         commit_quantize = quantize if (self.learnable_codebook and not freeze_codebook) else quantize.detach()
         out = self._route_gradients(flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk)
+
+        if indices is not None:
+            return self._cross_entropy_path(flat, codes, out, indices, layout, b, n, token_valid, x.dtype)
 
         breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, token_valid, topk, inplace_loss)
         loss = self._total_loss(breakdown, topk, b, n, layout, token_valid)
@@ -604,17 +604,17 @@ class VectorQuantize(nn.Module):
             idx = torch.where(mask[(...,) + (None,) * (idx.ndim - 2)], idx, torch.full_like(idx, -1))
         return layout.from_tokens(q), layout.indices_from_tokens(idx)
 
-    def _cross_entropy_path(self, flat, codes, quantize, indices, layout, b, n, token_valid):
-        """NaturalSpeech 2: cross-entropy of the distance logits against given code indices."""
+    def _cross_entropy_path(self, flat, codes, out, indices, layout, b, n, token_valid, dtype):
+        """NaturalSpeech 2: cross-entropy of the distance logits against given code indices.
+
+        Returns the quantized tokens in codebook space (before ``project_out``, as the reference does),
+        heads merged, in the input's layout, and the cross-entropy."""
         target = self._indices_to_rows(indices, layout, b, n)
         if token_valid is not None:
             target = torch.where(token_valid, target, torch.full_like(target, -1))
         logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
         ce = losses.cross_entropy_to_codes(logits, target)
-        out = quantize
-        if self.training and self.route_gradients_to_input and flat.requires_grad:
-            out = estimators.straight_through(flat, quantize.detach())
-        q = self.project_out(self._merge_heads(out, b, n).flatten(2))
+        q = self._merge_heads(out, b, n).flatten(2).to(dtype)
         return layout.from_tokens(q), ce
 
     def _indices_to_rows(self, indices: Tensor, layout: TokenLayout, b: int, n: int) -> Tensor:

@@ -129,7 +129,8 @@ def topk_codes(
 
 def gumbel_noise_like(t: Tensor, generator: torch.Generator | None = None) -> Tensor:
     u = torch.rand(t.shape, device=t.device, dtype=t.dtype, generator=generator)
-    return -torch.log(-torch.log(u.clamp(min=1e-20)).clamp(min=1e-20))
+    neg_log_u = -torch.log(u.clamp(min=1e-20))
+    return -torch.log(neg_log_u.clamp(min=1e-20))
 
 
 def sample_codes(
