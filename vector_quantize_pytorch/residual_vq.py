@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import estimators
+from .core.codebook import valid_rows
 from .core.layout import TokenLayout, check_mask
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
@@ -260,22 +261,24 @@ class ResidualVQ(ResidualStack):
     # ------------------------------------------------------------------ beam search
 
     @torch.no_grad()
-    def _beam_search(self, h: Tensor, beam: int) -> Tensor:
-        """Indices ``(b, n, q)`` of the path with the lowest weighted sum of per-layer squared errors, keeping
-        ``beam`` candidates per token. Tokens are searched in chunks, so memory is bounded in their number."""
+    def _beam_search(self, h: Tensor, beam: int, depth: int) -> Tensor:
+        """Indices ``(b, n, depth)`` through the first ``depth`` layers: the path with the lowest weighted sum of
+        per-layer squared errors, keeping ``beam`` candidates per token. Tokens are searched in chunks, so
+        memory is bounded in their number."""
         b, n, d = h.shape
         flat = h.reshape(-1, d).float()
-        layer_codes = [layer.effective_codes() for layer in self.layers]
-        widest = max(self.codebook_sizes)
+        layer_codes = [layer.effective_codes() for layer in self.layers[:depth]]
+        widest = max(self.codebook_sizes[:depth])
         chunk = max(1, MAX_CHUNK_SCORES // (beam * max(widest, beam * d)))
         out = [self._beam_search_chunk(flat[s : s + chunk], layer_codes, beam) for s in range(0, flat.shape[0], chunk)]
-        return torch.cat(out).reshape(b, n, self.num_quantizers)
+        return torch.cat(out).reshape(b, n, depth)
 
     def _beam_search_chunk(self, x: Tensor, layer_codes: list[Tensor], beam: int) -> Tensor:
         t, d = x.shape
         residual = x.unsqueeze(1)  # (t, B, d), B = 1 at first
         scores = torch.zeros(t, 1, device=x.device)
         paths = torch.zeros(t, 1, 0, dtype=torch.long, device=x.device)
+        last = len(layer_codes) - 1
         for index, (layer, codes) in enumerate(zip(self.layers, layer_codes)):
             width = residual.shape[1]
             k = min(beam, codes.shape[1])
@@ -286,7 +289,7 @@ class ResidualVQ(ResidualStack):
             q = gather_codes(codes, candidates)  # (1, t*B, k, d)
             error = (r.unsqueeze(2) - q).pow(2).mean(-1).reshape(t, width * k)
             total = scores.repeat_interleave(k, dim=1) - self.beam_score_weights[index] * error
-            keep = 1 if index == self.num_quantizers - 1 else min(beam, width * k)
+            keep = 1 if index == last else min(beam, width * k)
             scores, chosen = total.topk(keep, dim=-1)
             parent = torch.div(chosen, k, rounding_mode="floor")
             q = q.reshape(t, width * k, d).gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))
@@ -332,12 +335,14 @@ class ResidualVQ(ResidualStack):
         if indices is not None:
             return self._cross_entropy_forward(h, indices, layout, tokens, mask, **layer_kwargs)
 
-        beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
-        forced = self._beam_search(h, beam) if beam is not None and beam > 1 else None
-
         cutoffs = last_layer = None
-        if self.training and self.quantize_dropout and forced is None:
+        if self.training and self.quantize_dropout:
             cutoffs, last_layer = self._dropout_plan(b, h.device, rand_quantize_dropout_fixed_seed)
+        forced = None
+        if self._uses_beam(beam_size, freeze_codebook):
+            # the beam ends at the last kept layer (with per-sample cutoffs, shorter samples keep a prefix)
+            depth = self.num_quantizers if last_layer is None else last_layer + 1
+            forced = self._beam_search(h, self._beam_width(beam_size), depth)
 
         quantized, all_indices, losses, residuals = self._residual_loop(
             h, mask, cutoffs, last_layer, self.quant_grad_frac, forced=forced, **layer_kwargs
@@ -353,6 +358,19 @@ class ResidualVQ(ResidualStack):
             result = (*result, self.get_codes_from_indices(result[1]))
         return result
 
+    def _beam_width(self, beam_size: int | None) -> int:
+        beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        return 1 if beam is None else beam
+
+    def _uses_beam(self, beam_size: int | None, freeze_codebook: bool) -> bool:
+        if self._beam_width(beam_size) <= 1:
+            return False
+        if self.implicit_neural_codebook:
+            raise ValueError("beam_size > 1 is not supported with implicit_neural_codebook=True")
+        # a k-means initialisation still to come: the codebooks are zeros, so this step is greedy
+        pending = self.training and not freeze_codebook
+        return not (pending and any(layer._codebook.needs_kmeans_init() for layer in self.layers))
+
     def _output(self, quantized: Tensor, tokens: Tensor, mask: Tensor | None, layout: TokenLayout) -> Tensor:
         out = self.project_out(quantized).to(tokens.dtype)
         if mask is not None:
@@ -361,14 +379,19 @@ class ResidualVQ(ResidualStack):
         return layout.from_tokens(out)
 
     @torch.no_grad()
-    def _maintain_shared_codebook(self, residuals: list[Tensor]) -> None:
-        """Shared codebook: one EMA write and one dead-code pass per step, over every layer's inputs."""
+    def _maintain_shared_codebook(self, residuals: list[tuple[Tensor, Tensor | None]]) -> None:
+        """Shared codebook: one EMA write and one dead-code pass per step, over every layer's valid inputs
+        (masked and dropped tokens never become codes)."""
         first = self.layers[0]
         if self.vq_is_ema_updating:
             first._codebook.update_ema()
         first.update_in_place_optimizer()
-        inputs = torch.cat([r.reshape(-1, r.shape[-1]) for r in residuals]).unsqueeze(0)
-        first.expire_codes_(inputs)
+        flats, valids = [], []
+        for residual, mask in residuals:
+            flat = first._to_codebook_space(residual.detach())  # (1, b * n, d)
+            flats.append(flat)
+            valids.append(valid_rows(flat, None if mask is None else mask.reshape(1, -1)))
+        first._codebook.expire_codes_(torch.cat(flats, dim=1), torch.cat(valids, dim=1))
 
     def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
         """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the
@@ -380,8 +403,9 @@ class ResidualVQ(ResidualStack):
             raise ValueError("indices must not contain -1 (dropped layers); use indices from eval mode")
         residual, quantized_out, ce_total = h, torch.zeros_like(h), 0.0
         for index, layer in enumerate(self.layers):
-            quantized, ce = layer(residual, indices=indices[..., index], mask=mask, **layer_kwargs)
+            # the given codes, looked up before the layer's training step can move its codebook
             codes = self._layer_codes(index, indices[..., index], quantized_out).to(h.dtype)
+            quantized, ce = layer(residual, indices=indices[..., index], mask=mask, **layer_kwargs)
             quantized = estimators.attach_gradient(codes, quantized) if self.training else codes
             residual = residual - quantized.detach()
             quantized_out = quantized_out + quantized
@@ -410,7 +434,7 @@ class ResidualVQ(ResidualStack):
             - indices: ``(b, n, q')`` (``(b, h, w, q')`` for image maps)
             - output: ``(b, n, dim)`` (``(b, dim, h, w)``)
         """
-        summed = self.get_codes_from_indices(indices).sum(dim=0)
+        summed = self._sum_in_layer_order(self.get_codes_from_indices(indices))
         out = self.project_out(summed)
         if self.accept_image_fmap:
             out = out.movedim(-1, 1)

@@ -92,11 +92,12 @@ class ResidualStack(nn.Module):
         last_layer: int | None = None,
         quant_grad_frac: float = 0.0,
         **layer_kwargs,
-    ) -> tuple[Tensor, Tensor, list, Tensor]:
+    ) -> tuple[Tensor, Tensor, list, list]:
         """Quantize ``x`` ``(b, n, d)`` layer by layer.
 
-        Returns quantized ``(b, n, d)``, indices ``(b, n, q)``, per-layer losses (list) and the per-layer
-        residual inputs ``(q, b, n, d)`` (for shared-codebook maintenance).
+        Returns quantized ``(b, n, d)``, indices ``(b, n, q)``, per-layer losses (list) and, for every layer
+        that ran, its residual input ``(b, n, d)`` with the mask it ran under (``(b, n)`` or None), for
+        shared-codebook maintenance.
         """
         b, n, _ = x.shape
         residual = x
@@ -112,7 +113,7 @@ class ResidualStack(nn.Module):
             if cutoffs is not None and self.quantize_dropout_per_sample:
                 keep = (cutoffs >= index).unsqueeze(-1).expand(b, n)
                 layer_mask = keep if mask is None else (mask & keep)
-            residuals.append(residual)
+            residuals.append((residual, layer_mask))
             quantized, indices, loss = self._quantize_layer(
                 index, residual, layer_mask, previous=quantized_out, **layer_kwargs
             )
@@ -146,6 +147,15 @@ class ResidualStack(nn.Module):
             pad = torch.full((*indices.shape[:-1], self.num_quantizers - q), -1, dtype=indices.dtype)
             indices = torch.cat((indices, pad.to(indices.device)), dim=-1)
         return indices
+
+    @staticmethod
+    def _sum_in_layer_order(codes: Tensor) -> Tensor:
+        """``(q, ...)`` codes summed one layer at a time from zero, in the order the forward adds them, so
+        that decoding reproduces the forward's output bit for bit (``Tensor.sum`` may add in another order)."""
+        total = torch.zeros_like(codes[0])
+        for layer_codes in codes:
+            total = total + layer_codes
+        return total
 
     def _codes_from_token_indices(self, indices: Tensor) -> Tensor:
         """``(b, n, q)`` indices -> ``(q, b, n, d)`` codes; index -1 gives a zero code."""
