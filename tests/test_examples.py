@@ -1,0 +1,181 @@
+"""The MNIST autoencoder examples: each script runs a few steps on a slice of MNIST and writes valid outputs.
+
+The scripts run in subprocesses with this checkout first on PYTHONPATH. A script is skipped only when its
+quantizer class is not exported by vector_quantize_pytorch yet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import vector_quantize_pytorch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _common  # noqa: E402  (examples/ is not a package)
+
+SCRIPTS = {
+    "autoencoder.py": "VectorQuantize",
+    "autoencoder_fsq.py": "FSQ",
+    "autoencoder_lfq.py": "LFQ",
+    "autoencoder_sim_vq.py": "SimVQ",
+    "autoencoder_residual_vq.py": "ResidualVQ",
+    "autoencoder_latent_quantization.py": "LatentQuantize",
+    "autoencoder_fsp.py": "FSP",
+}
+SMALL_RUN = ["--steps", "5", "--batch-size", "16", "--train-subset", "256", "--test-subset", "256"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FINAL_LINE = re.compile(r"^test_mse=(\S+) usage=(\S+) perplexity=(\S+)$")
+
+
+def run_script(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def require_quantizer(script: str) -> None:
+    name = SCRIPTS[script]
+    if name not in vector_quantize_pytorch.__all__:
+        pytest.skip(f"{name} is not exported by vector_quantize_pytorch yet")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature, the CRC of every chunk and the final IEND."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    offset, chunk_types = 8, []
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        chunk = data[offset + 4 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert zlib.crc32(chunk) == crc, f"{path}: bad CRC in chunk {chunk[:4]!r}"
+        chunk_types.append(chunk[:4])
+        offset += 12 + length
+    assert chunk_types[0] == b"IHDR" and chunk_types[-1] == b"IEND" and b"IDAT" in chunk_types
+    return struct.unpack(">II", data[16:24])
+
+
+# ---------------------------------------------------------------------------------------- the scripts
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_example_runs_and_writes_outputs(script, tmp_path):
+    require_quantizer(script)
+    result = run_script([sys.executable, str(EXAMPLES / script), *SMALL_RUN, "--threads", "1", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # 2 x 16 test images above 2 x 16 reconstructions, 30 x 30 px per digit with its border, drawn 2x
+    assert png_size(tmp_path / "reconstructions.png") == (16 * 60, 4 * 60)
+    width, height = png_size(tmp_path / "training_curves.png")
+    assert width > 100 and height > 100
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_mse"]) and 0 < metrics["test_mse"] < 1
+    assert 0 < metrics["usage"] <= 1
+    assert 1 <= metrics["perplexity"] <= metrics["codebook_size"]
+    assert metrics["steps"] == 5 and metrics["test_images"] == 256 and metrics["world_size"] == 1
+
+    final = FINAL_LINE.match(result.stdout.strip().splitlines()[-1])
+    assert final, result.stdout[-500:]
+    printed = [float(value) for value in final.groups()]
+    expected = [metrics["test_mse"], metrics["usage"], metrics["perplexity"]]
+    for value, exact, decimals in zip(printed, expected, (5, 4, 1)):  # printed with these decimals
+        assert abs(value - exact) <= 0.5 * 10**-decimals + 1e-12
+
+
+def test_same_seed_gives_same_numbers(tmp_path):
+    require_quantizer("autoencoder.py")
+    runs = []
+    for name in ("first", "second"):
+        args = [sys.executable, str(EXAMPLES / "autoencoder.py"), *SMALL_RUN, "--threads", "1", "--seed", "3"]
+        result = run_script([*args, "--out", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        runs.append((metrics["test_mse"], metrics["usage"], metrics["perplexity"]))
+    assert runs[0] == runs[1]
+
+
+def test_autoencoder_under_torchrun_with_two_processes(tmp_path):
+    require_quantizer("autoencoder.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_script([*launcher, str(EXAMPLES / "autoencoder.py"), *SMALL_RUN, "--out", str(tmp_path)], timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks ended with different buffers" not in result.stderr
+    assert sum(bool(FINAL_LINE.match(line)) for line in result.stdout.splitlines()) == 1  # rank 0 only
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert math.isfinite(metrics["test_mse"]) and 0 < metrics["usage"] <= 1
+
+
+def test_missing_data_exits_with_a_message(tmp_path):
+    result = run_script([sys.executable, str(EXAMPLES / "autoencoder_fsq.py"), "--data", str(tmp_path)])
+    assert result.returncode != 0 and "pass --data DIR" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- the helpers
+
+
+def test_read_idx_reads_images_and_labels(tmp_path):
+    images = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(2, 3, 4)
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 2051, 2, 3, 4) + images.numpy().tobytes()))
+    assert torch.equal(_common.read_idx(path), images)
+
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(struct.pack(">II", 2049, 3) + bytes([7, 2, 1])))
+    assert _common.read_idx(path).tolist() == [7, 2, 1]
+
+    path.write_bytes(gzip.compress(struct.pack(">II", 1234, 0)))
+    with pytest.raises(ValueError, match="magic number 1234"):
+        _common.read_idx(path)
+
+
+def test_mnist_files_in_the_repository():
+    test_images = _common.load_mnist_images(_common.DEFAULT_DATA, "test", subset=8)
+    assert test_images.shape == (8, 1, 28, 28) and test_images.dtype == torch.float32
+    assert test_images.min() == 0 and test_images.max() == 1
+    labels = _common.read_idx(_common.DEFAULT_DATA / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10_000,) and labels[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9]
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    batches = list(_common.batch_order(num_items=10, batch_size=3, steps=6, seed=0))
+    assert len(batches) == 6 and all(len(b) == 3 for b in batches)
+    for epoch in (batches[:3], batches[3:]):  # 3 batches per epoch, the 10th item dropped
+        items = torch.cat(epoch)
+        assert len(set(items.tolist())) == 9
+    assert all(torch.equal(a, b) for a, b in zip(batches, _common.batch_order(10, 3, 6, seed=0)))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, _common.batch_order(10, 3, 6, seed=1)))
+
+
+def test_code_histogram_counts_per_codebook_and_skips_negative_indices():
+    indices = torch.tensor([[[0, 2], [0, 1]], [[3, 2], [-1, 2]]])  # (b=2, n=2, c=2), codebook size 4
+    histogram = _common.code_histogram(indices, codebook_size=4, num_codebooks=2)
+    assert histogram.tolist() == [[2, 0, 0, 1], [0, 1, 3, 0]]
+    single = _common.code_histogram(torch.tensor([[1, 1], [3, 1]], dtype=torch.int32), 4, 1)
+    assert single.tolist() == [[0, 3, 0, 1]]
+
+
+def test_usage_and_perplexity_by_hand():
+    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[5, 5, 5, 5]]))
+    assert usage == 1.0 and perplexity == pytest.approx(4.0)
+    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[3, 1, 0, 0]]))
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert usage == 0.5 and perplexity == pytest.approx(math.exp(entropy))
+    # two codebooks: both numbers are averaged over them
+    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[1, 1, 1, 1], [8, 0, 0, 0]]))
+    assert usage == pytest.approx((1 + 0.25) / 2) and perplexity == pytest.approx((4 + 1) / 2)
