@@ -147,6 +147,41 @@ def test_grouped_round_trip_and_shapes(accept_image_fmap):
     assert torch.equal(grvq.get_codes_from_indices(indices), all_codes)
 
 
+def test_bfloat16_input_is_quantized_in_float32_and_decodes_exactly():
+    """The residuals are kept in float32 (a bfloat16 residual loses its low bits at every layer); the output comes
+    back in the input's dtype."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=16, num_quantizers=8, codebook_size=64).eval()
+    x = torch.randn(2, 100, 16).bfloat16()
+    quantized, indices, _ = rvq(x)
+    assert quantized.dtype == torch.bfloat16 and indices.dtype == torch.int64
+    assert torch.equal(indices, rvq(x.float())[1])
+    assert torch.equal(rvq.get_output_from_indices(indices).bfloat16(), quantized)
+
+
+def test_beam_search_under_autocast_searches_in_float32():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=256, eval_beam_size=4).eval()
+    x = torch.randn(2, 200, 16)
+    expected = rvq(x)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rvq(x)[1], expected)
+
+
+@pytest.mark.xfail(
+    reason="VectorQuantize's nearest-code search (bmm/baddbmm in core/search.py) runs in bfloat16 under CPU "
+    "autocast; the codebook arithmetic should be float32 whatever the autocast dtype",
+    strict=False,
+)
+def test_greedy_search_under_autocast_searches_in_float32():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=256).eval()
+    x = torch.randn(2, 200, 16)
+    expected = rvq(x)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rvq(x)[1], expected)
+
+
 # ---------------------------------------------------------------- quantize dropout
 
 
@@ -272,12 +307,14 @@ def test_grouped_groups_share_the_dropout_cutoff():
             quantize_dropout_per_sample=per_sample,
         )
         x = torch.randn(5, 3, 8)
+        dropped_any = False
         for seed in range(5):
             torch.manual_seed(seed)
             _, indices, _ = grvq(x, freeze_codebook=True)  # no fixed seed: one is drawn and shared
             drops = indices == -1
-            assert drops.any() or seed > 0
+            dropped_any |= bool(drops.any())
             assert all(torch.equal(drops[0], drops[g]) for g in range(4))
+        assert dropped_any
 
 
 # ---------------------------------------------------------------- beam search
@@ -293,13 +330,13 @@ def test_eval_beam_search_beats_greedy_on_held_out_data():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=64, kmeans_init=True, decay=0.9)
     train = structured_data(4096, seed=1)
-    for _ in range(12):
+    for _ in range(6):
         rvq(train[torch.randperm(4096)[:2048]].unsqueeze(0))
     rvq.eval()
-    test = structured_data(2048, seed=2).unsqueeze(0)
+    test = structured_data(1024, seed=2).unsqueeze(0)
     greedy_mse = (rvq(test)[0] - test).pow(2).mean()
     beam_mse = (rvq(test, beam_size=4)[0] - test).pow(2).mean()
-    assert beam_mse < 0.97 * greedy_mse
+    assert beam_mse < 0.97 * greedy_mse  # about 0.91 over seeds
 
 
 def test_beam_search_is_exact_when_the_beam_holds_every_path():
@@ -320,6 +357,17 @@ def test_beam_search_is_exact_when_the_beam_holds_every_path():
             residual = residual - codes
         expected = paths[score.argmin(-1)]
         assert torch.equal(rvq(x)[1][0], expected)
+
+
+def test_beam_search_in_token_chunks_equals_one_chunk(monkeypatch):
+    import vector_quantize_pytorch.residual_vq as residual_vq_module
+
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=6, codebook_size=(5, 16, 16), eval_beam_size=4).eval()
+    x = torch.randn(3, 50, 6)
+    whole = rvq(x)[1]
+    monkeypatch.setattr(residual_vq_module, "BEAM_CHUNK_SCORES", 500)  # chunks of a few tokens
+    assert torch.equal(rvq(x)[1], whole)
 
 
 def test_training_beam_updates_codebooks_with_the_chosen_indices():
@@ -502,6 +550,18 @@ def test_masked_tokens_never_become_codes_of_a_shared_codebook():
     for _ in range(3):
         rvq(x.masked_fill(~mask.unsqueeze(-1), 1e4), mask=mask)
         assert rvq.layers[0].codebook.abs().max() < 100
+
+
+@pytest.mark.parametrize("accept_image_fmap", [False, True])
+def test_masked_output_decodes_from_its_indices_with_projections(accept_image_fmap):
+    """Masked tokens decode to zeros as forward outputs them, not to project_out's bias."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, codebook_dim=4, accept_image_fmap=accept_image_fmap)
+    rvq.eval()
+    x = torch.randn(2, 8, 3, 4) if accept_image_fmap else torch.randn(2, 12, 8)
+    mask = torch.rand(2, 3, 4) > 0.4 if accept_image_fmap else torch.rand(2, 12) > 0.4
+    quantized, indices, _ = rvq(x, mask=mask)
+    assert torch.equal(rvq.get_output_from_indices(indices), quantized)
 
 
 def test_image_fmap_mask_over_positions():
