@@ -172,6 +172,8 @@ def run(args) -> dict:
     from workloads import WORKLOADS
 
     workload = WORKLOADS[args.workload]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     result = {"workload": workload.name, "mode": workload.mode, "phase": args.phase}
     result.update(python=sys.executable, torch=torch.__version__, threads=torch.get_num_threads())
     lib = None
@@ -209,6 +211,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repo-root", default=None, help="check where the package was imported from")
     parser.add_argument("--expect-repo", action="store_true", help="the package must come from --repo-root")
     args = parser.parse_args()

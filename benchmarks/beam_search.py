@@ -68,7 +68,7 @@ def fit_codebooks(
 
 
 @torch.no_grad()
-def encode_mse(rvq: ResidualVQ, x: torch.Tensor, beam: int, repeats: int = 2) -> tuple[float, float]:
+def encode_mse(rvq: ResidualVQ, x: torch.Tensor, beam: int, repeats: int = 3) -> tuple[float, float]:
     """Held-out MSE and encode seconds (best of ``repeats``) with ``eval_beam_size = beam``."""
     seconds = []
     for _ in range(repeats):

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per round (7; quick: 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds, alternating ours and reference")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per worker process")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 7
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     for name in ("repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -107,6 +111,8 @@ def run_worker(side: Side, workload: str, phase: str, args, cwd: str) -> dict:
     command = [side.python, str(WORKER), "--workload", workload, "--phase", phase, "--device", args.device]
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--repo-root", str(REPO_ROOT)]
     command += ["--quick"] * args.quick + ["--expect-repo"] * side.on_repo_path
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     try:
         done = subprocess.run(
             command, cwd=cwd, env=worker_env(side), capture_output=True, text=True, timeout=args.timeout
@@ -147,6 +153,7 @@ def measure_workload(name: str, sides: list[Side], args, cwd: str, log) -> dict:
                 continue
             entry["times_ms"] += timing["times_ms"]
             entry["time_ms"] = statistics.median(entry["times_ms"])
+            entry["time_min_ms"] = min(entry["times_ms"])
             log(f"  {side.label:9s} timing  round {round_index + 1}: {statistics.median(timing['times_ms']):.2f} ms")
     return {"workload": name, "mode": WORKLOADS[name].mode, **entries}
 
@@ -226,6 +233,8 @@ def machine_description() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # On SIGTERM (e.g. `timeout`), raise so subprocess.run kills the running worker instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.list:
         for name, workload in WORKLOADS.items():
             print(f"{name}  ({workload.mode})")
@@ -264,6 +273,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "rounds": args.rounds,
+            "threads": args.threads,
             "sides": {side.label: side.python for side in sides},
             "seconds": round(time.time() - started, 1),
         },
