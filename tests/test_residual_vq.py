@@ -168,11 +168,6 @@ def test_beam_search_under_autocast_searches_in_float32():
         assert torch.equal(rvq(x)[1], expected)
 
 
-@pytest.mark.xfail(
-    reason="VectorQuantize's nearest-code search (bmm/baddbmm in core/search.py) runs in bfloat16 under CPU "
-    "autocast; the codebook arithmetic should be float32 whatever the autocast dtype",
-    strict=False,
-)
 def test_greedy_search_under_autocast_searches_in_float32():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=256).eval()
@@ -488,11 +483,6 @@ def test_cross_entropy_path_in_training_has_gradients():
         rvq(x, indices=torch.full((2, 7, 3), -1))
 
 
-@pytest.mark.xfail(
-    reason="VectorQuantize computes its cross-entropy logits after its EMA step, against the updated codebook "
-    "(effective_codes() aliases _codebook.embed); the reference scores against the codebook the step started from",
-    strict=False,
-)
 def test_cross_entropy_in_training_scores_against_the_codebooks_before_the_step():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=6, num_quantizers=3, codebook_size=10)

@@ -441,12 +441,27 @@ class VectorQuantize(nn.Module):
             )
 
         flat = self._to_codebook_space(tokens)
+        # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it)
+        with torch.autocast(flat.device.type, enabled=False):
+            return self._quantize(
+                flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature, return_loss_breakdown,
+                ema_update_weight, accum_ema_update, ema_update, forced_indices,
+            )  # fmt: skip
+
+    def _quantize(
+        self, flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature, return_loss_breakdown,
+        ema_update_weight, accum_ema_update, ema_update, forced_indices,
+    ):  # fmt: skip
+        """The pipeline on codebook-space rows ``flat`` ``(c, N, d)``: search, statistics, estimator, losses."""
+        b, n = tokens.shape[:2]
         token_valid = self._token_valid(mask, b, n)
         valid = valid_rows(flat.detach(), token_valid)
         updates_state = self.training and not freeze_codebook
         self._prepare_codebook(flat.detach(), valid, updates_state)
 
         codes = self.effective_codes()
+        if updates_state and not self.learnable_codebook:
+            codes = codes.clone()  # the EMA step below rewrites the buffer; losses use this step's codes
         if forced_indices is None:
             code_indices, logits = self._select_codes(flat, codes, temperature, topk)
         else:
