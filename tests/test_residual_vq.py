@@ -354,6 +354,26 @@ def test_beam_search_is_exact_when_the_beam_holds_every_path():
         assert torch.equal(rvq(x)[1][0], expected)
 
 
+def test_final_error_beam_is_exact_when_the_beam_holds_every_path():
+    """The default beam score (no per-layer weights) ranks paths by the final reconstruction error, as faiss
+    does: with every path in the beam the result is the brute-force best reconstruction."""
+    torch.manual_seed(1)
+    rvq = ResidualVQ(dim=3, num_quantizers=3, codebook_size=4, eval_beam_size=16).eval()
+    assert rvq.beam_score == "final"
+    x = torch.randn(1, 30, 3)
+    books = [layer.codebook for layer in rvq.layers]
+    paths = torch.cartesian_prod(*[torch.arange(4)] * 3)  # (64, 3)
+    reconstruction = sum(book[paths[:, l]] for l, book in enumerate(books))  # (64, d)
+    error = (x[0].unsqueeze(1) - reconstruction).pow(2).sum(-1)  # (30, 64)
+    assert torch.equal(rvq(x)[1][0], paths[error.argmin(-1)])
+
+
+def test_beam_score_argument():
+    assert ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_score_quantizer_weights=[1, 1]).beam_score == "sum"
+    with pytest.raises(ValueError, match="beam_score"):
+        ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_score="best")
+
+
 def test_beam_search_in_token_chunks_equals_one_chunk(monkeypatch):
     import vector_quantize_pytorch.residual_vq as residual_vq_module
 
