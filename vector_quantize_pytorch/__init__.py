@@ -1,66 +1,48 @@
 """vector_quantize_pytorch: quantizers to put between an encoder and a decoder."""
 
-from importlib import import_module
+from .binary_mapper import BinaryMapper
+from .evo_lookup_free_quantization import EvoLFQ
+from .finite_scalar_perturbation import FSP
+from .finite_scalar_quantization import FSQ
+from .hierarchical_vq import HierarchicalVQ
+from .latent_quantization import LatentQuantize
+from .lookup_free_quantization import LFQ
+from .random_projection_quantizer import RandomProjectionQuantizer
+from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
+from .residual_sim_vq import ResidualSimVQ
+from .residual_vq import GroupedResidualVQ, ResidualVQ
+from .sim_vq import SimVQ
+from .utils import Sequential
+from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
 
 __version__ = "2.0.0.dev0"
 
-# public name -> module that defines it
-_EXPORTS = {
-    "VectorQuantize": "vector_quantize_pytorch",
-    "LossBreakdown": "vector_quantize_pytorch",
-    "ResidualVQ": "residual_vq",
-    "GroupedResidualVQ": "residual_vq",
-    "RandomProjectionQuantizer": "random_projection_quantizer",
-    "FSQ": "finite_scalar_quantization",
-    "FSP": "finite_scalar_perturbation",
-    "LFQ": "lookup_free_quantization",
-    "EvoLFQ": "evo_lookup_free_quantization",
-    "ResidualLFQ": "residual_lfq",
-    "GroupedResidualLFQ": "residual_lfq",
-    "ResidualFSQ": "residual_fsq",
-    "GroupedResidualFSQ": "residual_fsq",
-    "LatentQuantize": "latent_quantization",
-    "SimVQ": "sim_vq",
-    "ResidualSimVQ": "residual_sim_vq",
-    "BinaryMapper": "binary_mapper",
-    "HierarchicalVQ": "hierarchical_vq",
-    "Sequential": "utils",
-}
+# aliases used in the seed notes
+VectorQuantizer = VectorQuantize
+LatentQuantizer = LatentQuantize
 
+# every quantizer class: `Sequential` passes forward keyword arguments to the one it contains
 QUANTIZERS = (
-    "VectorQuantize",
-    "ResidualVQ",
-    "GroupedResidualVQ",
-    "RandomProjectionQuantizer",
-    "FSQ",
-    "FSP",
-    "LFQ",
-    "EvoLFQ",
-    "ResidualLFQ",
-    "GroupedResidualLFQ",
-    "ResidualFSQ",
-    "GroupedResidualFSQ",
-    "LatentQuantize",
-    "SimVQ",
-    "ResidualSimVQ",
-    "BinaryMapper",
-    "HierarchicalVQ",
+    VectorQuantize,
+    ResidualVQ,
+    GroupedResidualVQ,
+    RandomProjectionQuantizer,
+    FSQ,
+    FSP,
+    LFQ,
+    EvoLFQ,
+    ResidualLFQ,
+    GroupedResidualLFQ,
+    ResidualFSQ,
+    GroupedResidualFSQ,
+    LatentQuantize,
+    LatentQuantizer,
+    SimVQ,
+    ResidualSimVQ,
+    BinaryMapper,
+    HierarchicalVQ,
 )
 
-__all__ = []
-for _name, _module in _EXPORTS.items():
-    try:
-        globals()[_name] = getattr(import_module(f".{_module}", __name__), _name)
-    except ModuleNotFoundError as error:  # a family that is not built yet
-        if error.name != f"{__name__}.{_module}":
-            raise
-        continue
-    __all__.append(_name)
-
-# aliases used in the seed notes
-if "VectorQuantize" in globals():
-    VectorQuantizer = globals()["VectorQuantize"]
-    __all__.append("VectorQuantizer")
-if "LatentQuantize" in globals():
-    LatentQuantizer = globals()["LatentQuantize"]
-    __all__.append("LatentQuantizer")
+__all__ = [cls.__name__ for cls in QUANTIZERS] + ["LossBreakdown", "Sequential", "VectorQuantizer", "LatentQuantizer"]
+__all__ = list(dict.fromkeys(__all__))

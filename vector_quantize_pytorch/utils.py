@@ -6,9 +6,9 @@ from torch import nn
 
 
 def _quantizer_classes() -> tuple[type, ...]:
-    import vector_quantize_pytorch as package
+    from . import QUANTIZERS  # the package imports this module first
 
-    return tuple(getattr(package, name) for name in package.QUANTIZERS if hasattr(package, name))
+    return QUANTIZERS
 
 
 class Sequential(nn.Module):
