@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import Tensor, nn
 
@@ -9,6 +11,58 @@ from .core.layout import TokenLayout
 from .core.residual import GroupedStacks, ResidualStack
 from .core.validate import check_bool, check_input, check_int, check_int_sequence
 from .finite_scalar_quantization import FSQ
+
+
+def check_dropout_args(num_quantizers, quantize_dropout, cutoff_index, multiple_of, per_sample) -> None:
+    """Types and ranges of the quantize dropout arguments of a residual stack (before any state is built)."""
+    check_bool("quantize_dropout", quantize_dropout)
+    check_int("quantize_dropout_cutoff_index", cutoff_index, minimum=0, maximum=num_quantizers - 1)
+    check_int("quantize_dropout_multiple_of", multiple_of, minimum=1)
+    check_bool("quantize_dropout_per_sample", per_sample)
+
+
+# layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
+# tokens and stacks ``(b, n)`` indices), with the values that leave them alone
+LAYER_ARGUMENTS_FIXED_BY_THE_STACK = {
+    "num_codebooks": (1,),
+    "keep_num_codebooks_dim": (None, False),
+    "channel_first": (None, False),
+    "has_projections": (None, False),
+    "return_indices": (True,),
+}
+
+
+def check_layer_kwargs(layer_kwargs: dict) -> None:
+    """Reject per-layer arguments a residual stack cannot honour (the reference asserts on some, breaks on others)."""
+    for name, allowed in LAYER_ARGUMENTS_FIXED_BY_THE_STACK.items():
+        if name in layer_kwargs and not any(
+            layer_kwargs[name] is value or layer_kwargs[name] == value for value in allowed
+        ):
+            raise ValueError(
+                f"{name}={layer_kwargs[name]!r} is not supported for the layers of a residual stack (allowed: "
+                f"{', '.join(map(repr, allowed))}); split features with the Grouped* class, and use the stack's own "
+                "dim / is_channel_first for projections and layouts"
+            )
+
+
+def _check_soft_clamp(value, codebook_dim: int) -> Tensor:
+    """``soft_clamp_input_value``: a positive number, or one per code dimension -> float32 tensor."""
+    if isinstance(value, bool) or not isinstance(value, (Real, list, tuple, Tensor)):
+        raise TypeError(
+            f"soft_clamp_input_value must be a number, a list of {codebook_dim} numbers or a tensor, got {value!r}"
+        )
+    try:
+        clamp = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"soft_clamp_input_value must hold numbers, got {value!r}") from error
+    if clamp.ndim > 1 or clamp.numel() not in (1, codebook_dim):
+        raise ValueError(
+            f"soft_clamp_input_value must be one number or {codebook_dim} (one per code dimension), "
+            f"got shape {tuple(clamp.shape)}"
+        )
+    if not (torch.isfinite(clamp) & (clamp > 0)).all():
+        raise ValueError(f"soft_clamp_input_value must be positive and finite, got {value!r}")
+    return clamp
 
 
 class ResidualFSQ(ResidualStack):
@@ -60,10 +114,21 @@ class ResidualFSQ(ResidualStack):
         codebook_dim = len(levels)
         dim = codebook_dim if dim is None else check_int("dim", dim, minimum=1)
         self.is_channel_first = check_bool("is_channel_first", is_channel_first)
+        check_dropout_args(
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            quantize_dropout_per_sample,
+        )
+        check_bool("bound_hard_clamp", bound_hard_clamp)
+        check_layer_kwargs(kwargs)
         if bound_hard_clamp and soft_clamp_input_value is not None:
             raise ValueError(
                 "soft_clamp_input_value cannot be set with bound_hard_clamp=True (it is derived from levels)"
             )
+        if soft_clamp_input_value is not None:
+            soft_clamp_input_value = _check_soft_clamp(soft_clamp_input_value, codebook_dim)
         self.dim = dim
         self.levels = list(levels)
         self.codebook_dim = codebook_dim
@@ -88,8 +153,6 @@ class ResidualFSQ(ResidualStack):
         self.register_buffer("scales", torch.stack([levels_t**-i for i in range(num_quantizers)]), persistent=False)
         if bound_hard_clamp:
             soft_clamp_input_value = 1 + 1 / (levels_t - 1)
-        if soft_clamp_input_value is not None:
-            soft_clamp_input_value = torch.as_tensor(soft_clamp_input_value, dtype=torch.float32)
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
 
     @property
@@ -136,7 +199,7 @@ class ResidualFSQ(ResidualStack):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)`` (channel-first
         when ``is_channel_first``)."""
-        out = self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
         return out.movedim(-1, 1) if self.is_channel_first else out
 
 
@@ -156,11 +219,16 @@ class GroupedResidualFSQ(GroupedStacks):
             raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
         self.dim, self.groups = dim, groups
         self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
-        kwargs.setdefault("is_channel_first", accept_image_fmap)
+        if kwargs.setdefault("is_channel_first", accept_image_fmap) != accept_image_fmap:
+            raise ValueError(
+                f"is_channel_first ({kwargs['is_channel_first']!r}) must equal accept_image_fmap "
+                f"({accept_image_fmap}): the features are split along the axis the layers read them from"
+            )
         self.rvqs = nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups))
         self.codebook_size = self.rvqs[0].codebook_size
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
+        check_input("x", x, min_ndim=3)  # before the split reads the feature axis
         return self._grouped_forward(
             x,
             None,

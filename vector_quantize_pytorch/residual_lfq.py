@@ -11,6 +11,7 @@ from .core.layout import TokenLayout, check_mask
 from .core.residual import GroupedStacks, ResidualStack
 from .core.validate import check_bool, check_float, check_input, check_int
 from .lookup_free_quantization import LFQ
+from .residual_fsq import check_dropout_args, check_layer_kwargs
 
 
 class ResidualLFQ(ResidualStack):
@@ -55,6 +56,14 @@ class ResidualLFQ(ResidualStack):
         check_int("codebook_size", codebook_size, minimum=2)
         if codebook_size & (codebook_size - 1):
             raise ValueError(f"codebook_size must be a power of 2, got {codebook_size}")
+        check_dropout_args(
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            quantize_dropout_per_sample,
+        )
+        check_layer_kwargs(lfq_kwargs)
         if soft_clamp_input_value is not None:
             check_float("soft_clamp_input_value", soft_clamp_input_value, minimum=0.0, min_exclusive=True)
         codebook_dim = int(math.log2(codebook_size))
@@ -128,7 +137,7 @@ class ResidualLFQ(ResidualStack):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)``
         (channel-first for image/video indices)."""
-        out = self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
         return out.movedim(-1, 1) if indices.ndim >= 4 else out
 
 
@@ -156,6 +165,8 @@ class GroupedResidualLFQ(GroupedStacks):
         return_all_codes: bool = False,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
+        # the layers read features from axis 1 exactly for 4-d and larger inputs: the split must agree
+        check_input("x", x, min_ndim=4 if self.accept_image_fmap else 3, max_ndim=None if self.accept_image_fmap else 3)
         return self._grouped_forward(
             x,
             None,
