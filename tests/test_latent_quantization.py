@@ -372,3 +372,16 @@ def test_wrong_input_feature_size():
         lq(torch.randn(1, 8, 4, 4))
     with pytest.raises(TypeError, match="floating"):
         lq(torch.ones(1, 4, 16, dtype=torch.long))
+
+
+def test_loss_sends_the_quantization_term_gradient_to_the_input():
+    """The commitment term trains the grids only; its input gradient (through the straight-through path)
+    would cancel the quantization term's when the weights are equal, leaving the encoder no gradient."""
+    torch.manual_seed(0)
+    quantizer = LatentQuantize(levels=[5, 5, 8], dim=3, commitment_loss_weight=0.1, quantization_loss_weight=0.1)
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out, _, loss = quantizer(z)
+    loss.backward()
+    expected = 0.1 * 2 * (z - out).detach() / z.numel()
+    torch.testing.assert_close(z.grad, expected)
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in quantizer.values_per_latent)

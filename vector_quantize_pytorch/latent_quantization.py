@@ -116,8 +116,7 @@ class LatentQuantize(nn.Module):
         codebook_dim: latent dimensions per codebook; ``<= 0`` takes ``len(levels)``.
         keep_num_codebooks_dim: keep a codebook axis on the indices; always on when ``num_codebooks > 1``.
         optimize_values: the grids are ``nn.Parameter`` s (``values_per_latent.{i}`` in the state_dict);
-            otherwise fixed buffers outside the state_dict. Any falsy value (including ``None``) turns it off,
-            like the reference.
+            otherwise fixed buffers outside the state_dict. ``None`` turns it off too, like the reference.
         in_place_codebook_optimizer: a factory ``params -> torch.optim.Optimizer``. When given, it is called
             once with the value grids, and every training forward takes one step of it on
             :math:`\mathrm{MSE}(v_{k}, \mathrm{sg}(z))` (grids towards the latents), then quantizes with the
@@ -161,7 +160,7 @@ class LatentQuantize(nn.Module):
         quantization_loss_weight = _check_loss_weight("quantization_loss_weight", quantization_loss_weight)
         num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
         keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
-        optimize_values = bool(optimize_values)
+        optimize_values = bool(check_optional_bool("optimize_values", optimize_values))
         if in_place_codebook_optimizer is not None:
             if not callable(in_place_codebook_optimizer):
                 raise TypeError(
@@ -321,18 +320,26 @@ class LatentQuantize(nn.Module):
     # ----- training-time value updates -------------------------------------------------------------------
 
     def _step_values_in_place(self, latents: Tensor) -> None:
-        """One step of the in-place optimizer on ``MSE(nearest values, sg(latents))``, other grads untouched."""
+        """One step of the in-place optimizer on ``MSE(nearest values, sg(latents))``, other grads untouched.
+
+        Non-finite latents are left out of the loss; when none is finite the grids keep their values (a step
+        with zero gradients could still move them through the optimizer's momentum)."""
         params = list(self.values_per_latent)
         flat_values = self._flat_values(latents.dtype)
         chosen = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
-        loss = F.mse_loss(chosen, latents.detach())
+        finite = torch.isfinite(latents)
+        loss = _finite_mse(latents.detach(), chosen, finite)
         grads = torch.autograd.grad(loss, params)
         saved = [p.grad for p in params]
+        before = [p.detach().clone() for p in params]
         for p, grad in zip(params, grads):
             p.grad = grad
         self.in_place_codebook_optimizer.step()
-        for p, grad in zip(params, saved):
-            p.grad = grad
+        any_finite = finite.any()
+        with torch.no_grad():
+            for p, grad, old in zip(params, saved, before):
+                p.grad = grad
+                p.copy_(torch.where(any_finite, p, old))
 
     # ----- forward -----------------------------------------------------------------------------------------
 
@@ -364,12 +371,16 @@ class LatentQuantize(nn.Module):
             return out, indices, torch.zeros((), device=x.device)
 
         learn_values_by_backprop = self.optimize_values and not in_place and chosen.requires_grad
-        # same forward values as `out`; the commitment term's gradient also reaches the chosen grid values
-        out_for_commitment = (
-            self._project_out(_straight_through(latents, chosen), layout, x.dtype) if learn_values_by_backprop else out
-        )
-        loss = self.commitment_loss_weight * self.commitment_loss(x.float(), out_for_commitment.float())
-        loss = loss + self.quantization_loss_weight * self.quantization_loss(x.float(), out.float())
+        # same forward values as `out`, but the commitment term reaches only the codes (the chosen grid values),
+        # never the input: through the straight-through path its input gradient would cancel the quantization
+        # term's exactly when the two weights are equal (the reference's encoder gets no gradient from the loss)
+        committed = chosen if learn_values_by_backprop else chosen.detach()
+        out_for_commitment = self._project_out(committed, layout, x.dtype)
+        # the two mean squared errors, over the finite elements only: a NaN/Inf input neither enters the loss nor
+        # sends a NaN gradient to the value grids
+        finite = torch.isfinite(x) & torch.isfinite(out)
+        loss = self.commitment_loss_weight * _finite_mse(x.float().detach(), out_for_commitment.float(), finite)
+        loss = loss + self.quantization_loss_weight * _finite_mse(out.float().detach(), x.float(), finite)
         return out, indices, loss
 
     def _project_out(self, codes: Tensor, layout: TokenLayout, dtype: torch.dtype) -> Tensor:
@@ -381,6 +392,14 @@ class LatentQuantize(nn.Module):
             f"levels={self._levels.tolist()}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
             f"codebook_size={self.codebook_size}, optimize_values={self.optimize_values}"
         )
+
+
+def _finite_mse(target: Tensor, prediction: Tensor, finite: Tensor) -> Tensor:
+    """Mean squared error over the elements where ``finite`` is True (0 when there is none). Other elements are
+    replaced by zeros before any arithmetic, so their gradient is exactly zero, not NaN."""
+    zero = prediction.new_zeros(())
+    error = torch.where(finite, prediction, zero) - torch.where(finite, target, zero)
+    return error.pow(2).sum() / finite.sum().clamp(min=1)
 
 
 def _straight_through(latents: Tensor, codes: Tensor) -> Tensor:
