@@ -23,19 +23,26 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.util
+import inspect
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning made 2 threads 10x slower than 1.
+# OpenMP reads it when torch loads, so only a process that has not imported torch yet is changed.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "mnist"
@@ -216,6 +223,21 @@ def all_reduce_sum(t: Tensor, process: Process) -> Tensor:
     return t
 
 
+def wrap_data_parallel(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel that does not copy rank 0's buffers over the others' before each forward.
+
+    The quantizers keep their codebook statistics equal on all ranks themselves; :func:`replicas_disagree`
+    checks it at the end.
+    """
+    # the last ConvTranspose2d has 1 output channel: its weight's gradient differs from the weight only in the
+    # stride of that size-1 axis, which DDP reports although it is harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:  # newer torch; broadcast_buffers deprecated
+        return ddp(model, forward_sync_buffers=False)
+    return ddp(model, broadcast_buffers=False)
+
+
 def replicas_disagree(model: nn.Module, process: Process) -> list[str]:
     """Names of the floating buffers (codebooks, EMA statistics) that differ between ranks."""
     names = []
@@ -243,7 +265,7 @@ def train(model: nn.Module, images: Tensor, args: argparse.Namespace, example: E
     batches = batch_order(len(images), args.batch_size, args.steps, args.seed)
     bar = tqdm(batches, total=args.steps, disable=not process.is_main, desc=example.name, dynamic_ncols=True)
     model.train()
-    for batch in bar:
+    for step, batch in enumerate(bar, start=1):
         # every rank takes its own contiguous slice of the global batch
         batch = images[batch[process.rank * local_batch : (process.rank + 1) * local_batch]].to(process.device)
         reconstruction, indices, aux_loss = model(batch)
@@ -256,7 +278,7 @@ def train(model: nn.Module, images: Tensor, args: argparse.Namespace, example: E
         curves["reconstruction"].append(reconstruction_loss.item())
         curves["aux"].append(float(aux_loss.detach()))
         curves["usage"].append((histogram > 0).double().mean().item())
-        if bar.n % 10 == 0:
+        if step % 10 == 0 or step == 1:
             bar.set_postfix(rec=f"{curves['reconstruction'][-1]:.4f}", aux=f"{curves['aux'][-1]:.4f}",
                             used=f"{curves['usage'][-1]:.2f}")  # fmt: skip
     return curves
@@ -341,7 +363,7 @@ def parse_args(example: Example, argv: list[str] | None = None) -> argparse.Name
     parser.add_argument("--lr", type=float, default=example.lr, help=f"Adam learning rate (default {example.lr})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the data order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 per machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default out/{example.name}/)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the four MNIST .gz files")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
@@ -359,21 +381,22 @@ def parse_args(example: Example, argv: list[str] | None = None) -> argparse.Name
 def main(example: Example, argv: list[str] | None = None) -> dict:
     """Train the example's autoencoder, evaluate it on the test set and write PNGs and metrics.json."""
     args = parse_args(example, argv)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at the first CUDA use
     process = setup_process(args.device)
     if args.batch_size % process.world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {process.world_size} processes")
-    torch.set_num_threads(args.threads or max(1, 2 // process.world_size))
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    train_images = load_mnist_images(args.data, "train", args.train_subset)
-    test_images = load_mnist_images(args.data, "test", args.test_subset)
+    try:
+        train_images = load_mnist_images(args.data, "train", args.train_subset)
+        test_images = load_mnist_images(args.data, "test", args.test_subset)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
 
     model = Autoencoder(example.make_quantizer(example.dim), example.quantize, dim=example.dim).to(process.device)
-    trained = model
-    if process.world_size > 1:
-        # the quantizers synchronise their own codebook statistics, so buffers are not broadcast from rank 0
-        trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    trained = wrap_data_parallel(model) if process.world_size > 1 else model
 
     start = time.perf_counter()
     curves = train(trained, train_images, args, example, process)

@@ -1,8 +1,8 @@
 """MNIST autoencoder with LatentQuantize (Hsu et al. 2023, "Disentanglement via latent quantization",
 arXiv 2305.18378).
 
-The latent is projected to 3 numbers, each snapped to the nearest of its own learned grid of 8, 6 and 5 values:
-a codebook of 8 * 6 * 5 = 240 codes; the auxiliary loss pulls latents and grid values towards each other.
+The encoder gives 3 numbers per position, each snapped to the nearest value of its own grid of 8, 6 and 5 values:
+a codebook of 8 * 6 * 5 = 240 codes; the auxiliary loss pulls the latents to their grid values.
 
     python examples/autoencoder_latent_quantization.py
 
@@ -20,7 +20,10 @@ LEVELS = [8, 6, 5]
 
 
 def make_quantizer(dim):
-    return LatentQuantize(levels=LEVELS, dim=dim)  # channel-first input (b, dim, 7, 7)
+    # The commitment term (MSE of the straight-through output against the detached input) sends the encoder the
+    # exact opposite of the quantization term's gradient, so with both on the latent is pulled nowhere and drifts
+    # away from the grid. Only the quantization term is used: it pulls the latent to its grid values.
+    return LatentQuantize(levels=LEVELS, dim=dim, commitment_loss_weight=0.0, quantization_loss_weight=0.1)
 
 
 def quantize(latent_quantize, z):
@@ -29,4 +32,8 @@ def quantize(latent_quantize, z):
 
 
 if __name__ == "__main__":
-    main(Example("autoencoder_latent_quantization", make_quantizer, quantize, codebook_size=math.prod(LEVELS)))
+    # a 3-channel latent, one channel per grid: no projections in the quantizer
+    example = Example(
+        "autoencoder_latent_quantization", make_quantizer, quantize, codebook_size=math.prod(LEVELS), dim=len(LEVELS)
+    )
+    main(example)

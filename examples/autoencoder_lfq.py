@@ -21,6 +21,9 @@ def make_quantizer(dim):
         codebook_size=CODEBOOK_SIZE,
         entropy_loss_weight=0.1,
         diversity_gamma=1.0,
+        # The per-sample entropy term rewards ever larger inputs; unbounded, they grow until every token lands on
+        # one code (about step 600 here). A tanh soft clamp at 4 keeps them bounded.
+        soft_clamp_input_value=4.0,
     )
 
 

@@ -37,7 +37,7 @@ SCRIPTS = {
     "autoencoder_latent_quantization.py": "LatentQuantize",
     "autoencoder_fsp.py": "FSP",
 }
-SMALL_RUN = ["--steps", "5", "--batch-size", "16", "--train-subset", "256", "--test-subset", "256"]
+SMALL_RUN = ["--steps", "5", "--batch-size", "16", "--train-subset", "256", "--test-subset", "256", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINAL_LINE = re.compile(r"^test_mse=(\S+) usage=(\S+) perplexity=(\S+)$")
 
@@ -71,19 +71,30 @@ def png_size(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------- the scripts
 
+_RUNS: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+
+def small_run(script: str, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``script`` once on a slice of MNIST (cached for the session); returns the process and its out folder."""
+    if script not in _RUNS:
+        out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+        args = [sys.executable, str(EXAMPLES / script), *SMALL_RUN, "--out", str(out)]
+        _RUNS[script] = (run_script(args), out)
+    return _RUNS[script]
+
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_example_runs_and_writes_outputs(script, tmp_path):
+def test_example_runs_and_writes_outputs(script, tmp_path_factory):
     require_quantizer(script)
-    result = run_script([sys.executable, str(EXAMPLES / script), *SMALL_RUN, "--threads", "1", "--out", str(tmp_path)])
+    result, out = small_run(script, tmp_path_factory)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # 2 x 16 test images above 2 x 16 reconstructions, 30 x 30 px per digit with its border, drawn 2x
-    assert png_size(tmp_path / "reconstructions.png") == (16 * 60, 4 * 60)
-    width, height = png_size(tmp_path / "training_curves.png")
+    assert png_size(out / "reconstructions.png") == (16 * 60, 4 * 60)
+    width, height = png_size(out / "training_curves.png")
     assert width > 100 and height > 100
 
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["test_mse"]) and 0 < metrics["test_mse"] < 1
     assert 0 < metrics["usage"] <= 1
     assert 1 <= metrics["perplexity"] <= metrics["codebook_size"]
@@ -97,16 +108,15 @@ def test_example_runs_and_writes_outputs(script, tmp_path):
         assert abs(value - exact) <= 0.5 * 10**-decimals + 1e-12
 
 
-def test_same_seed_gives_same_numbers(tmp_path):
+def test_same_seed_gives_same_numbers(tmp_path, tmp_path_factory):
     require_quantizer("autoencoder.py")
-    runs = []
-    for name in ("first", "second"):
-        args = [sys.executable, str(EXAMPLES / "autoencoder.py"), *SMALL_RUN, "--threads", "1", "--seed", "3"]
-        result = run_script([*args, "--out", str(tmp_path / name)])
-        assert result.returncode == 0, result.stderr[-3000:]
-        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
-        runs.append((metrics["test_mse"], metrics["usage"], metrics["perplexity"]))
-    assert runs[0] == runs[1]
+    first, first_out = small_run("autoencoder.py", tmp_path_factory)
+    second = run_script([sys.executable, str(EXAMPLES / "autoencoder.py"), *SMALL_RUN, "--out", str(tmp_path)])
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+    keys = ("test_mse", "usage", "perplexity")
+    first_metrics = json.loads((first_out / "metrics.json").read_text())
+    second_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [first_metrics[k] for k in keys] == [second_metrics[k] for k in keys]
 
 
 def test_autoencoder_under_torchrun_with_two_processes(tmp_path):
@@ -119,11 +129,6 @@ def test_autoencoder_under_torchrun_with_two_processes(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert math.isfinite(metrics["test_mse"]) and 0 < metrics["usage"] <= 1
-
-
-def test_missing_data_exits_with_a_message(tmp_path):
-    result = run_script([sys.executable, str(EXAMPLES / "autoencoder_fsq.py"), "--data", str(tmp_path)])
-    assert result.returncode != 0 and "pass --data DIR" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------- the helpers
@@ -142,6 +147,11 @@ def test_read_idx_reads_images_and_labels(tmp_path):
     path.write_bytes(gzip.compress(struct.pack(">II", 1234, 0)))
     with pytest.raises(ValueError, match="magic number 1234"):
         _common.read_idx(path)
+
+
+def test_missing_data_names_the_file_and_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz not found: pass --data DIR"):
+        _common.load_mnist_images(tmp_path, "test")
 
 
 def test_mnist_files_in_the_repository():
