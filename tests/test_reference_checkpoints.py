@@ -28,10 +28,6 @@ MAIN_OUTPUTS = ("quantized", "indices")
 
 def our_class(class_name):
     """Our class with the reference's name."""
-    # ---- TEMPORARY SKIP: remove once our package exports every class the fixtures use ----
-    if not hasattr(vector_quantize_pytorch, class_name):
-        pytest.skip(f"{class_name} not implemented yet")
-    # ---- end of temporary skip ----
     return getattr(vector_quantize_pytorch, class_name)
 
 

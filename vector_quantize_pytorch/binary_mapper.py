@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core.validate import check_bool, check_float, check_int
+from .core.validate import check_bool, check_float, check_indices, check_int
 
 __all__ = ["BinaryMapper", "binary_entropy"]
 
@@ -132,6 +132,7 @@ class BinaryMapper(nn.Module):
             raise ValueError("log_prob needs exactly one of indices= or one_hot=")
         if one_hot is not None:
             indices = one_hot.argmax(dim=-1)
+        check_indices("indices", indices)
         bits = indices_to_bits(indices, self.bits)
         log_probs = torch.where(bits, F.logsigmoid(logits), F.logsigmoid(-logits))
         return log_probs.sum(dim=-1) if sum_bits else log_probs
@@ -154,7 +155,8 @@ class BinaryMapper(nn.Module):
         calc_aux_loss = self.training if calc_aux_loss is None else calc_aux_loss
 
         prob_for_sample = (logits / temperature).sigmoid()
-        sampled_bits = prob_for_sample > 0.5 if deterministic else prob_for_sample.bernoulli()
+        # a NaN logit gives bit 0 when sampled, as in deterministic mode (bernoulli would raise from inside)
+        sampled_bits = prob_for_sample > 0.5 if deterministic else prob_for_sample.nan_to_num(0.0).bernoulli()
         indices = bits_to_indices(sampled_bits)
         out_dtype = torch.promote_types(logits.dtype, torch.float32)
         one_hot = F.one_hot(indices, self.num_codes).to(out_dtype)

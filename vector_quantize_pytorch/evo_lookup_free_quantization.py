@@ -58,6 +58,11 @@ class EvoLFQ(nn.Module):
         check_float("mutation_rate", mutation_rate, minimum=0.0, maximum=1.0)
         if elitism_count >= pop_size:
             raise ValueError(f"elitism_count ({elitism_count}) must be smaller than pop_size ({pop_size})")
+        for name, module in (("encoder", encoder), ("decoder", decoder)):
+            if not callable(module):
+                raise TypeError(f"{name} must be a callable module, got {module!r}")
+        if lfq is not None and not isinstance(lfq, LFQ):
+            raise TypeError(f"lfq must be an LFQ instance or None, got {type(lfq).__name__}")
         if lfq is None:
             if dim is None and codebook_size is None:
                 raise ValueError("pass an lfq instance, or dim and/or codebook_size to build one")
@@ -75,6 +80,8 @@ class EvoLFQ(nn.Module):
         return self.zero.device
 
     def _quantize(self, latents: Tensor, **kwargs):
+        if not isinstance(latents, Tensor):
+            raise TypeError(f"the encoder must return a torch.Tensor of latents, got {type(latents).__name__}")
         single = latents.ndim == 2
         if single:
             latents = latents.unsqueeze(1)

@@ -17,6 +17,7 @@ from .core.validate import (
     check_choice,
     check_feature_size,
     check_float,
+    check_indices,
     check_input,
     check_int,
     check_int_sequence,
@@ -85,6 +86,9 @@ def build_cdf_act(act_name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[
 
 def batch_stats(batch: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-feature mean, variance (unbiased; biased for a single row), skewness and excess kurtosis of ``(N, d)``."""
+    if batch.shape[0] == 0:  # no rows: the statistics are undefined
+        undefined = batch.new_full(batch.shape[1:], math.nan)
+        return undefined, undefined, undefined, undefined
     correction = 1 if batch.shape[0] > 1 else 0
     variance, mean = torch.var_mean(batch, dim=0, correction=correction)
     standardised = (batch - mean) / variance.sqrt().clamp_min(eps)
@@ -148,7 +152,7 @@ class VectorNorm(nn.Module):
         )
         loss = z.new_zeros(())
         for stat, target, weight in terms:
-            if weight != 0.0:
+            if weight != 0.0 and z.shape[0] > 0:  # an empty batch has no statistics to regularise
                 loss = loss + (stat - target).pow(2).mean() * weight
         return loss, {"mean": mean, "variance": variance, "skewness": skewness, "kurtosis": kurtosis}
 
@@ -231,6 +235,7 @@ class FSP(nn.Module):
             basis.append(basis[-1] * level)
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int32), persistent=False)
+        self._longest_level = max(levels)
 
         self.has_projections = dim != self.codebook_dim
         if self.has_projections:
@@ -280,12 +285,26 @@ class FSP(nn.Module):
             return self.inv_act_func(act_value.clamp(eps, 1.0 - eps))
         return (act_value - 0.5) / UNIFORM_STD
 
+    def _inverse_cdf_at_centres(self, level_indices: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+        """Inverse CDF of the bin centres of ``(..., codebook_dim)`` bin indices, looked up in a per-bin table:
+        a transcendental function evaluated elementwise may differ in the last bit with the tensor's layout
+        (vectorised or scalar code paths), and forward and :meth:`indices_to_codes` must agree exactly."""
+        levels = self._levels.to(dtype)
+        longest = int(self._longest_level)
+        bins = torch.arange(longest, device=levels.device, dtype=dtype)
+        table = self._act_to_latent((bins + 0.5) / levels.unsqueeze(-1), eps)  # (codebook_dim, longest)
+        slots = level_indices.long() + torch.arange(self.codebook_dim, device=levels.device) * longest
+        return table.flatten()[slots]
+
     def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
         """``(...)`` integer code indices -> the output they stand for: ``(..., dim)``, or ``(b, dim, ...)`` when
         ``channel_first``. ``eps`` clamps bin centres before the inverse CDF (``need_inv_act``)."""
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
-            raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
-        codes = self.project_out(self._act_to_latent(self.indices_to_act_value(indices), eps))
+        check_indices("indices", indices)
+        if self.need_inv_act:
+            latents = self._inverse_cdf_at_centres(self.indices_to_level_indices(indices), eps, torch.float32)
+        else:
+            latents = self._act_to_latent(self.indices_to_act_value(indices), eps)
+        codes = self.project_out(latents)
         if self.channel_first and codes.ndim > 2:
             codes = codes.movedim(-1, 1)
         return codes
@@ -306,6 +325,8 @@ class FSP(nn.Module):
         layout = TokenLayout.of(x, channel_first=self.channel_first)
         expected = "(b, dim, ...) channel-first" if layout.channel_first else "(..., dim)"
         check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
+        if eps is not None:
+            check_float("eps", eps, minimum=0.0)
         eps = eps or torch.finfo(x.dtype).eps  # like the reference: the input dtype's resolution
 
         latents = self.project_in(layout.to_tokens(x))
@@ -315,12 +336,18 @@ class FSP(nn.Module):
         act_z = self.act_func(latents)
         act_q, level_indices = self.quantize_act_value(act_z, eps)
         info = {}
-        if self.training and self.quantize_rate < 1.0:
+        perturbed = self.training and self.quantize_rate < 1.0
+        if perturbed:
             act_q, info["p_accept_prob"] = self._perturb(act_z, act_q)
 
-        codes = self._act_to_latent(act_q, eps)
         if self.need_inv_act:
-            codes = _straight_through(latents, codes.detach())
+            if perturbed:
+                values = self._act_to_latent(act_q.detach(), eps)
+            else:  # bin centres: the very values indices_to_codes gives
+                values = self._inverse_cdf_at_centres(level_indices, eps, latents.dtype)
+            codes = _straight_through(latents, values)
+        else:
+            codes = self._act_to_latent(act_q, eps)
         out = layout.from_tokens(self.project_out(codes.to(x.dtype))).to(x.dtype)
 
         indices = layout.indices_from_tokens(self.level_indices_to_indices(level_indices))

@@ -18,6 +18,7 @@ from .core.layout import TokenLayout
 from .core.validate import (
     check_feature_size,
     check_float,
+    check_indices,
     check_input,
     check_int,
     check_int_sequence,
@@ -105,7 +106,8 @@ class LatentQuantize(nn.Module):
     :math:`w_c \cdot \mathrm{MSE}(\mathrm{sg}(x), \hat x) + w_q \cdot \mathrm{MSE}(\mathrm{sg}(\hat x), x)`
     between the input :math:`x` and the output :math:`\hat x`, as in the reference; the first term also
     trains the value grids (the paper's "quantization loss"), the second pulls the encoder towards its codes.
-    In eval mode the loss is zero.
+    In eval mode the loss is zero. Non-finite values (NaN, Inf) are left out of both mean squared errors and
+    of the in-place optimizer's steps, so they never reach the value grids.
 
     Args:
         levels: number of values per latent dimension (a list), or one int used for ``codebook_dim`` dims.
@@ -281,8 +283,7 @@ class LatentQuantize(nn.Module):
         Image and video indices (two or more spatial axes) give channel-first codes, like the reference;
         sequence indices ``(b, n)`` give ``(b, n, d)``, the layout :meth:`forward` takes them in.
         """
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
-            raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+        check_indices("indices", indices)
         codes = self._values_at(self._flat_values(), self.indices_to_level_indices(indices)).detach()
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)

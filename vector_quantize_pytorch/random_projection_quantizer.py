@@ -108,6 +108,13 @@ class RandomProjectionQuantizer(nn.Module):
         self._synced = False
         self._folded: tuple | None = None  # (key of the source tensors, scores matrix, scores offset)
 
+    def __getstate__(self) -> dict:
+        """Pickling and deep copies leave out the folded-scores cache: it holds weak references (which cannot be
+        pickled) to this module's own tensors, and is rebuilt on the next call."""
+        state = self.__dict__.copy()
+        state["_folded"] = None
+        return state
+
     # ------------------------------------------------------------------ distributed
 
     @torch.no_grad()
@@ -155,7 +162,7 @@ class RandomProjectionQuantizer(nn.Module):
     def _head_features(self, frames: Tensor) -> Tensor:
         """``(N, dim)`` -> ``(h, N, D)``: projected, passed through ``vq.project_in``, split by head, unit norm."""
         features = self.vq.project_in(frames @ self._projections())
-        features = features.reshape(frames.shape[0], self.num_codebooks, -1).transpose(0, 1)
+        features = features.unflatten(-1, (self.num_codebooks, -1)).transpose(0, 1)
         return F.normalize(features.float(), dim=-1)
 
     def _cross_entropy(self, frames: Tensor, indices: Tensor, b: int, n: int) -> Tensor:

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .core.layout import TokenLayout
 from .core.residual import ResidualStack
-from .core.validate import check_bool, check_input, check_int
+from .core.validate import check_bool, check_indices, check_input, check_int
+from .residual_fsq import check_dropout_args
 from .sim_vq import SimVQ
 
 
@@ -56,10 +57,17 @@ class ResidualSimVQ(ResidualStack):
         super().__init__()
         check_int("dim", dim, minimum=1)
         check_int("num_quantizers", num_quantizers, minimum=1)
-        if heads != 1:
+        if check_int("heads", heads) != 1:
             raise ValueError(f"heads must be 1 for ResidualSimVQ, got {heads}")
         self.dim = dim
         self.channel_first = check_bool("channel_first", channel_first)
+        check_dropout_args(
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            quantize_dropout_per_sample,
+        )
         self.layers = nn.ModuleList(
             SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick, **sim_vq_kwargs)
             for _ in range(num_quantizers)
@@ -105,6 +113,7 @@ class ResidualSimVQ(ResidualStack):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Every layer's codes; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., dim)``
         (``(q, b, dim, ...)`` with ``channel_first``)."""
+        check_indices("indices", indices, min_ndim=2)
         lead = indices.shape[:-1]
         codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
         codes = codes.reshape(self.num_quantizers, *lead, self.dim)
@@ -112,4 +121,4 @@ class ResidualSimVQ(ResidualStack):
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode (the sum of every layer's codes)."""
-        return self.get_codes_from_indices(indices).sum(dim=0)
+        return self._sum_in_layer_order(self.get_codes_from_indices(indices))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,7 +13,8 @@ from .core.codebook import valid_rows
 from .core.layout import TokenLayout, check_mask
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
-from .core.validate import check_bool, check_choice, check_float, check_int
+from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
+from .residual_fsq import check_dropout_args
 from .vector_quantize_pytorch import VectorQuantize
 
 # Largest number of (path, code) scores of one beam-search chunk. A beam step holds several temporaries of
@@ -128,7 +131,7 @@ class ResidualVQ(ResidualStack):
     ):
         super().__init__()
         check_int("dim", dim, minimum=1)
-        if heads != 1:
+        if check_int("heads", heads) != 1:
             raise ValueError(f"heads must be 1 for ResidualVQ (use GroupedResidualVQ to split features), got {heads}")
         sizes = _codebook_sizes(codebook_size, num_quantizers)
         codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim, minimum=1)
@@ -136,6 +139,15 @@ class ResidualVQ(ResidualStack):
                             accept_image_fmap), ("implicit_neural_codebook", implicit_neural_codebook)):  # fmt: skip
             check_bool(name, value)
         check_float("quant_grad_frac", quant_grad_frac, minimum=0.0, maximum=1.0)
+        check_dropout_args(
+            len(sizes),
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            quantize_dropout_per_sample,
+        )
+        if mlp_kwargs is not None and not isinstance(mlp_kwargs, Mapping):
+            raise TypeError(f"mlp_kwargs must be a dict of MLP arguments or None, got {mlp_kwargs!r}")
         self._check_beam(beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes))
         if shared_codebook and len(set(sizes)) != 1:
             raise ValueError("shared_codebook=True requires the same codebook_size for every layer")
@@ -202,8 +214,14 @@ class ResidualVQ(ResidualStack):
             check_int("beam_size", beam_size, minimum=1)
         if eval_beam_size is not None:
             check_int("eval_beam_size", eval_beam_size, minimum=1)
-        if weights is not None and len(weights) != num_layers:
+        if weights is None:
+            return
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise TypeError(f"beam_score_quantizer_weights must be a sequence of {num_layers} numbers, got {weights!r}")
+        if len(weights) != num_layers:
             raise ValueError(f"beam_score_quantizer_weights must have {num_layers} entries, got {len(weights)}")
+        for i, weight in enumerate(weights):
+            check_float(f"beam_score_quantizer_weights[{i}]", float(weight) if isinstance(weight, Tensor) else weight)
 
     # ------------------------------------------------------------------ public state
 
@@ -325,8 +343,7 @@ class ResidualVQ(ResidualStack):
     # ------------------------------------------------------------------ forward
 
     def _tokens(self, x: Tensor, mask: Tensor | None):
-        if not isinstance(x, Tensor) or not torch.is_floating_point(x):
-            raise TypeError("x must be a floating point torch.Tensor")
+        check_input("x", x)
         expected = 4 if self.accept_image_fmap else 3
         if x.ndim != expected:
             shape = "(b, dim, h, w)" if self.accept_image_fmap else "(b, n, dim)"
@@ -351,6 +368,8 @@ class ResidualVQ(ResidualStack):
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
         layout, tokens, mask = self._tokens(x, mask)
+        if beam_size is not None:
+            check_int("beam_size", beam_size, minimum=1)
         h = self.project_in(tokens).float()  # residuals in float32 whatever the input dtype; output cast back
         b, n = h.shape[:2]
         layer_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
@@ -421,9 +440,19 @@ class ResidualVQ(ResidualStack):
         given codes, with the residual updated by those codes (the reference crashes here)."""
         if isinstance(indices, (list, tuple)):
             indices = torch.stack(list(indices), dim=-1)
+        check_indices("indices", indices)
+        expected = (h.shape[0], *layout.spatial, self.num_quantizers)
+        if tuple(indices.shape) != expected:
+            raise ValueError(
+                f"indices must have shape (b, ..., num_quantizers) = {expected}, got {tuple(indices.shape)}"
+            )
         indices = layout.indices_to_tokens(indices, tail_dims=1)
-        if (indices < 0).any():
-            raise ValueError("indices must not contain -1 (dropped layers); use indices from eval mode")
+        sizes = torch.tensor(self.codebook_sizes, device=indices.device)
+        if ((indices < 0) | (indices >= sizes)).any():
+            raise ValueError(
+                f"indices must lie in [0, codebook_size) of their layer (codebook sizes {self.codebook_sizes}), "
+                "without -1 (dropped layers); use indices from eval mode"
+            )
         residual, quantized_out, ce_total = h, torch.zeros_like(h), 0.0
         for index, layer in enumerate(self.layers):
             # the given codes, looked up before the layer's training step can move its codebook
@@ -445,6 +474,7 @@ class ResidualVQ(ResidualStack):
             - indices: ``(b, ..., q')`` with ``q' <= q``
             - output: ``(q, b, ..., codebook_dim)``
         """
+        check_indices("indices", indices, min_ndim=2)
         lead = indices.shape[:-1]
         flat = indices.reshape(indices.shape[0], -1, indices.shape[-1])
         codes = self._codes_from_token_indices(flat)
@@ -505,6 +535,8 @@ class GroupedResidualVQ(GroupedStacks):
         mask: Tensor | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
+        ndim = 4 if self.accept_image_fmap else 3
+        check_input("x", x, min_ndim=ndim, max_ndim=ndim)  # before the split reads the feature axis
         return self._grouped_forward(
             x,
             indices,

@@ -8,6 +8,7 @@ indices can be put back the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class TokenLayout:
             return x.unsqueeze(1)
         if self.channel_first:
             return x.flatten(2).transpose(1, 2)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return x.reshape(x.shape[0], self.num_tokens, x.shape[-1])  # explicit sizes: an empty batch reshapes too
 
     def from_tokens(self, t: Tensor) -> Tensor:
         """``(b, n, d)`` -> input layout; ``(b, n, k, d)`` (top-k) keeps ``k`` after the spatial axes."""
@@ -76,11 +77,14 @@ class TokenLayout:
 
     def indices_to_tokens(self, idx: Tensor, tail_dims: int = 0) -> Tensor:
         tail = tuple(idx.shape[idx.ndim - tail_dims :]) if tail_dims else ()
-        return idx.reshape(idx.shape[0], -1, *tail)
+        return idx.reshape(idx.shape[0], math.prod(idx.shape[1 : idx.ndim - tail_dims]), *tail)
 
     def mask_to_tokens(self, mask: Tensor) -> Tensor:
-        """A mask over the spatial axes ``(b, *spatial)`` (or ``(b, n)``) -> ``(b, n)``."""
-        return mask.reshape(mask.shape[0], -1)
+        """A mask over the spatial axes ``(b, *spatial)`` (or ``(b, n)``) -> ``(b, n)``; anything else is left
+        for :func:`check_mask` to reject."""
+        if not isinstance(mask, Tensor) or mask.ndim == 0:
+            return mask
+        return mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))
 
 
 def lens_to_mask(lens: Tensor, max_length: int) -> Tensor:

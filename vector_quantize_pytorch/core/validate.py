@@ -33,8 +33,8 @@ def check_float(
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if minimum is not None and (value < minimum or (min_exclusive and value == minimum)):
         op = ">" if min_exclusive else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {value}")
@@ -55,7 +55,11 @@ def check_optional_bool(name: str, value) -> bool | None:
 
 
 def check_choice(name: str, value, allowed) -> object:
-    if value not in allowed:
+    try:
+        known = value in allowed
+    except TypeError:  # unhashable, e.g. a list
+        known = False
+    if not known:
         raise ValueError(f"{name} must be one of {sorted(allowed, key=str)}, got {value!r}")
     return value
 
@@ -91,3 +95,14 @@ def check_feature_size(name: str, x: Tensor, axis: int, expected: int, layout: s
             f"{name} must have {expected} features on axis {axis} (expected layout {layout}), "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def check_indices(name: str, indices, *, min_ndim: int = 1) -> Tensor:
+    """Code indices handed to a decoder: an integer tensor (floating point, complex and bool refused)."""
+    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if indices.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor, got dtype {indices.dtype}")
+    if indices.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(indices.shape)}")
+    return indices
