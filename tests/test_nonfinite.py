@@ -411,12 +411,6 @@ def test_latent_quantize_in_place_optimizer_momentum_cannot_move_grids_on_a_bad_
 # VectorQuantize with a codebook learned by gradients
 
 
-@pytest.mark.xfail(
-    reason="core/losses.py commitment_loss: invalid rows are zeroed after (x - q).pow(2) is formed, so its "
-    "backward multiplies the zero gradient by NaN and the learnable codebook's gradient is NaN although the "
-    "returned loss is finite (zero the rows of x and q before subtracting, as core/codebook.zero_invalid does)",
-    strict=False,
-)
 def test_vector_quantize_learnable_codebook_gradient_is_finite_on_a_partly_bad_batch():
     vq = vqp.VectorQuantize(dim=4, codebook_size=8, learnable_codebook=True, ema_update=False).train()
     x = torch.randn(2, 6, 4)

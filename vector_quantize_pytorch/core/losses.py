@@ -32,10 +32,11 @@ def commitment_loss(x: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor
         - x, q: ``(c, N, d)``, valid: ``(c, N)``
         - output: ``()``
     """
-    per_token = (x - q).pow(2).mean(-1)
+    diff = x - q
     if valid is not None:
-        per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-    return masked_mean(per_token, valid)
+        # zero invalid rows before squaring: 0 * (NaN difference) in the backward of pow would give NaN grads
+        diff = torch.where(valid.unsqueeze(-1), diff, torch.zeros_like(diff))
+    return masked_mean(diff.pow(2).mean(-1), valid)
 
 
 def cross_entropy_to_codes(logits: Tensor, indices: Tensor) -> Tensor:
