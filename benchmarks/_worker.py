@@ -11,7 +11,8 @@ Phases:
         iteration alone. Freed heap memory is first handed back to the OS (``malloc_trim``) so reused
         allocator slack does not hide the iteration's demand.
         CUDA: ``max_memory_allocated() - memory_allocated()`` around the iteration.
-    ``timing``: build, warm up, then ``repeats`` timed iterations (``time.perf_counter``, CUDA synchronised).
+    ``timing``: build, warm up, then ``repeats`` timed iterations: wall time (``time.perf_counter``, CUDA
+        synchronised) and the CPU time of the whole process (``time.process_time``, every thread).
 
 The result line is prefixed with ``BENCHMARK_RESULT`` so it can be found among anything the library prints.
 """
@@ -157,14 +158,15 @@ def measure_time(step, device, repeats: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         synchronize()
         times.append(time.perf_counter() - start)
-    return {"times_ms": [t * 1000 for t in times]}
+        cpu_times.append(time.process_time() - cpu_start)
+    return {"times_ms": [t * 1000 for t in times], "cpu_times_ms": [t * 1000 for t in cpu_times]}
 
 
 def run(args) -> dict:

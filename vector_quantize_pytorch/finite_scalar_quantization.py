@@ -13,7 +13,6 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from .core.estimators import attach_gradient
 from .core.layout import TokenLayout
 from .core.radix import (
     INT64_CODEBOOK_LIMIT,
@@ -36,14 +35,41 @@ from .core.validate import (
 IMPLICIT_CODEBOOK_MAX_CODES = 2**26  # `implicit_codebook` refuses to enumerate more codes than this
 
 
+class _RoundSTE(torch.autograd.Function):
+    """``round(x)`` forward, identity backward: one operation each way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _FloorSTE(torch.autograd.Function):
+    """``floor(x)`` forward, identity backward: one operation each way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.floor()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
 def round_ste(x: Tensor) -> Tensor:
     """``round(x)`` with a straight-through (identity) gradient; the value is exactly ``round(x)``."""
-    return attach_gradient(x.round(), x)
+    return _RoundSTE.apply(x)
 
 
 def floor_ste(x: Tensor) -> Tensor:
     """``floor(x)`` with a straight-through (identity) gradient; the value is exactly ``floor(x)``."""
-    return attach_gradient(x.floor(), x)
+    return _FloorSTE.apply(x)
+
+
+DEFAULT_BOUND_EPS = 1e-3
 
 
 def _check_dtypes(name: str, value) -> tuple[torch.dtype, ...]:
@@ -192,6 +218,7 @@ class FSQ(nn.Module):
 
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
         self.register_buffer("_basis", radix_basis(levels), persistent=False)
+        self._set_level_constants()
 
         if self.orthogonal_rotation:
             if len(set(levels)) > 1:
@@ -200,6 +227,24 @@ class FSQ(nn.Module):
                     stacklevel=2,
                 )
             self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+
+    def _set_level_constants(self) -> None:
+        """Per-dimension constants of the bounds, computed once from the int64 ``_levels`` with exactly the
+        arithmetic (and float32 results) the bounds would otherwise repeat on every call. Plain attributes,
+        not buffers, so that ``.half()`` cannot round them; :meth:`_apply` recomputes them on the new device."""
+        levels = self._levels
+        half_range = (levels - 1) * (1 + DEFAULT_BOUND_EPS) / 2
+        offset = (levels % 2 == 0) * 0.5
+        shift = offset / half_range
+        self._bound_constants = (half_range, offset, shift, torch.atanh(shift))
+        self._half_width = (levels // 2).to(half_range.dtype)  # L // 2, exactly, as a float
+        self._levels_minus_1 = levels - 1  # int64, as the bound multiplies by it (keeps a bf16 input's dtype)
+        self._symmetric_step = 2.0 / self._levels_minus_1  # 2 / (L - 1)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._set_level_constants()
+        return self
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -219,30 +264,55 @@ class FSQ(nn.Module):
 
     # quantization
 
-    def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
+    def bound(self, z: Tensor, eps: float = DEFAULT_BOUND_EPS, hard_clamp: bool = False) -> Tensor:
         """The paper's bound-and-round: ``(..., codebook_dim)`` -> codes in ``[-1, 1]``, same shape."""
-        levels = self._levels
-        half_range = (levels - 1) * (1 + eps) / 2
-        offset = (levels % 2 == 0) * 0.5
-        shift = offset / half_range
+        return self._bound_levels(z, eps, hard_clamp)[0]
+
+    def _bound_levels(self, z: Tensor, eps: float, hard_clamp: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`bound`'s codes and the rounded values ``r`` they are ``r / (L // 2)`` of (no gradient)."""
+        if eps == DEFAULT_BOUND_EPS:
+            half_range, offset, shift, atanh_shift = self._bound_constants
+        else:
+            levels = self._levels
+            half_range = (levels - 1) * (1 + eps) / 2
+            offset = (levels % 2 == 0) * 0.5
+            shift = offset / half_range
+            atanh_shift = torch.atanh(shift)
         if hard_clamp:
             bounded = (z + shift).clamp(-1.0, 1.0) * half_range - offset
         else:
-            bounded = torch.tanh(z + torch.atanh(shift)) * half_range - offset
-        return round_ste(bounded) / (levels // 2)
+            bounded = torch.tanh(z + atanh_shift) * half_range - offset
+        rounded = round_ste(bounded)
+        return rounded / self._half_width, rounded.detach()
 
     def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
         """``2 / (L - 1) * floor((L - 1)(tanh(z) + 1) / 2 + 0.5) - 1`` (arXiv 2411.19842, section 3.2)."""
-        levels_minus_1 = self._levels - 1
+        return self._symmetric_levels(z, hard_clamp)[0]
+
+    def _symmetric_levels(self, z: Tensor, hard_clamp: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`symmetry_preserving_bound`'s codes and their level indices in ``[0, L)`` (no gradient)."""
         squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
-        level_index = floor_ste((levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
-        return (2.0 / levels_minus_1) * level_index - 1.0
+        level_index = floor_ste((self._levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
+        return self._symmetric_step * level_index - 1.0, level_index.detach()
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize ``(..., codebook_dim)`` to codes of the same shape, straight-through gradient."""
+        return self._quantize_levels(z)[0]
+
+    def _quantize_levels(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes (as :meth:`quantize`) and their level indices ``(..., codebook_dim)`` int64 in ``[0, L)``.
+
+        The level indices come from the rounded values directly (``r + L // 2``, or the symmetric bound's
+        floor) instead of from the codes as :meth:`codes_to_indices` gets them: the same integers (the
+        codes are ``r / (L // 2)`` and ``2 k / (L - 1) - 1``, which that method rounds back to ``r`` and
+        ``k``) without the arithmetic."""
         if self.preserve_symmetry:
-            return self.symmetry_preserving_bound(z, hard_clamp=self.bound_hard_clamp)
-        return self.bound(z, hard_clamp=self.bound_hard_clamp)
+            codes, level_index = self._symmetric_levels(z, self.bound_hard_clamp)
+        else:
+            codes, rounded = self._bound_levels(z, DEFAULT_BOUND_EPS, self.bound_hard_clamp)
+            level_index = rounded + self._half_width
+        # out of range only for non-finite inputs; clamped as codes_to_indices clamps them
+        return codes, level_index.long().clamp_(min=0).minimum(self._levels_minus_1)
 
     def maybe_apply_noise(self, codes: Tensor) -> Tensor:
         """Noise dropout (training only): see ``noise_dropout``."""
@@ -325,8 +395,8 @@ class FSQ(nn.Module):
             z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
             if self.orthogonal_rotation:
                 z = z @ self.orthogonal_rot.to(z.dtype)
-            codes = self.quantize(z)
-            indices = self.codes_to_indices(codes) if self.return_indices else None
+            codes, level_indices = self._quantize_levels(z)
+            indices = digits_to_index(level_indices, self._basis).to(self.index_dtype) if self.return_indices else None
             codes = self.maybe_apply_noise(codes)
             if self.orthogonal_rotation:
                 codes = codes @ self.orthogonal_rot.t().to(codes.dtype)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .core import estimators
 from .core.layout import TokenLayout
-from .core.search import gather_codes, nearest_codes
+from .core.search import nearest_codes
 from .core.validate import check_bool, check_feature_size, check_float, check_input, check_int
 
 
@@ -147,7 +147,7 @@ class SimVQ(nn.Module):
         if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise TypeError("indices must be an integer torch.Tensor")
         idx = indices.long()
-        codes = gather_codes(self.implicit_codebook().unsqueeze(0), idx.clamp(min=0).unsqueeze(0))[0]
+        codes = F.embedding(idx.clamp(min=0), self.implicit_codebook())
         codes = torch.where((idx >= 0).unsqueeze(-1), codes, torch.zeros_like(codes))
         if self.channel_first and codes.ndim >= 3:
             codes = codes.movedim(-1, 1)
@@ -159,15 +159,13 @@ class SimVQ(nn.Module):
         layout = self._layout(x)
         tokens = layout.to_tokens(x)
         b, n, d = tokens.shape
-        flat = tokens.reshape(1, b * n, d).float()
+        flat = tokens.reshape(b * n, d).float()
 
-        codebook = self.implicit_codebook().unsqueeze(0)  # (1, K, d)
-        indices = nearest_codes(flat.detach(), codebook.detach())  # (1, N)
-        quantized = gather_codes(codebook, indices)  # (1, N, d), differentiable in the transform
+        codebook = self.implicit_codebook()  # (K, d)
+        indices = nearest_codes(flat.detach().unsqueeze(0), codebook.detach().unsqueeze(0))[0]  # (N,)
+        quantized = F.embedding(indices, codebook)  # (N, d), differentiable in the transform
 
-        loss = self._commitment_loss(flat, quantized)
-        out = self._route_gradients(flat, quantized)
-
+        out, loss = self._output_and_loss(flat, quantized)
         out = layout.from_tokens(out.reshape(b, n, d).to(x.dtype))
         return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
 
@@ -186,13 +184,62 @@ class SimVQ(nn.Module):
         input_term = F.mse_loss(flat, quantized.detach())
         return (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
 
-    def _route_gradients(self, flat: Tensor, quantized: Tensor) -> Tensor:
-        """Forward value exactly ``q``; the gradient reaches the input only (never the transform)."""
-        if not flat.requires_grad:
-            return quantized.detach()
-        if self.rotation_trick:
-            return estimators.rotation_trick(flat, quantized.detach())
-        return estimators.straight_through(flat, quantized.detach())
+    def _output_and_loss(self, flat: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor]:
+        """Output (forward value exactly ``q``; its gradient reaches the input only, never the transform) and
+        commitment loss. With gradients to the input, one autograd function computes both (see
+        :class:`_QuantizeWithCommitment`)."""
+        if not (torch.is_grad_enabled() and flat.requires_grad):
+            return quantized.detach(), self._commitment_loss(flat, quantized)
+        return _QuantizeWithCommitment.apply(
+            flat, quantized, self.input_to_quantize_commit_loss_weight, self.commitment_weight, self.rotation_trick
+        )
+
+
+class _QuantizeWithCommitment(torch.autograd.Function):
+    r"""SimVQ's output and loss in one autograd node, saving only ``x`` and ``q``.
+
+    Forward: ``out = q`` and ``loss = (mse(q, sg(x)) + beta mse(sg(q), x)) w``. Backward, with ``M`` the
+    number of elements and ``d = q - x``::
+
+        dq = (2 w / M) g_loss d
+        dx = lambda R^T g_out - (2 beta w / M) g_loss d        (rotation trick; g_out when straight-through)
+
+    the gradients of the separate loss terms and estimator, from one difference tensor ``d`` (which
+    becomes ``dq`` in place) instead of one per loss term and gradient, with the input's two gradients
+    summed in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, beta: float, weight: float, rotation: bool):
+        ctx.save_for_backward(x, q)
+        ctx.beta, ctx.weight, ctx.rotation = beta, weight, rotation
+        ctx.set_materialize_grads(False)
+        mse = F.mse_loss(q, x)
+        return q.clone(), (mse + mse * beta) * weight
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_loss: Tensor | None):
+        x, q = ctx.saved_tensors
+        needs_x, needs_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        differentiable = torch.is_grad_enabled()  # a double backward: no in-place arithmetic
+        grad_x = grad_q = None
+        if needs_x and grad_out is not None:
+            grad_x = estimators.rotation_trick_grad(x, q, grad_out) if ctx.rotation else grad_out
+            grad_x = grad_x.to(x.dtype)
+        if grad_loss is None:
+            return grad_x, grad_q, None, None, None
+        diff = q - x
+        coef = grad_loss * (2.0 * ctx.weight / diff.numel())
+        if needs_x:
+            if grad_x is None:
+                grad_x = diff * (-ctx.beta * coef)
+            elif differentiable or grad_x is grad_out:  # never write into the incoming gradient
+                grad_x = torch.addcmul(grad_x, diff, coef, value=-ctx.beta)
+            else:
+                grad_x = grad_x.addcmul_(diff, coef, value=-ctx.beta)
+        if needs_q:
+            grad_q = diff * coef if differentiable else diff.mul_(coef)
+        return grad_x, grad_q, None, None, None
 
 
 def _initial_frozen_codebook(codebook_size: int, frozen_dim: int, init_fn: Callable[[Tensor], Tensor]) -> Tensor:

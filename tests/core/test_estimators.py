@@ -180,3 +180,125 @@ def test_synchronized_update_keeps_value_and_scales_code_gradient():
     result.backward(g)
     torch.testing.assert_close(q.grad, 0.25 * g)
     assert torch.equal(out.grad, g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rotation trick's closed-form backward (a custom autograd function)
+
+
+def householder_rotation(x, q):
+    """``R = I - 2 w w^T + 2 v u^T`` built explicitly for one pair of vectors (float64)."""
+    u, v = x / x.norm(), q / q.norm()
+    w = (u + v) / (u + v).norm()
+    eye = torch.eye(x.shape[0], dtype=torch.float64)
+    return eye - 2 * torch.outer(w, w) + 2 * torch.outer(v, u)
+
+
+def test_rotation_trick_grad_equals_lambda_R_transpose_g_in_float64():
+    gen = torch.Generator().manual_seed(2)
+    x, q, g = (torch.randn(6, 9, dtype=torch.float64, generator=gen) for _ in range(3))
+    got = estimators.rotation_trick_grad(x, q, g)
+    assert got.dtype == torch.float64
+    for i in range(6):
+        R = householder_rotation(x[i], q[i])
+        torch.testing.assert_close(got[i], q[i].norm() / x[i].norm() * R.T @ g[i], atol=1e-12, rtol=1e-10)
+
+
+def test_rotation_trick_backward_matches_the_function_and_saves_only_x_and_q():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=gen, requires_grad=True)
+    q, g = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    out = estimators.rotation_trick(x, q)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 2 and torch.equal(saved[0], x) and torch.equal(saved[1], q)
+    out.backward(g)
+    torch.testing.assert_close(x.grad, estimators.rotation_trick_grad(x, q, g))
+
+
+def test_rotation_trick_gradient_of_an_expanded_input_sums_over_the_copies():
+    # top-k: one token compared with k codes is an expanded (stride 0) view of the token
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1, 6, generator=gen, requires_grad=True)
+    q, g = torch.randn(3, 2, 6, generator=gen), torch.randn(3, 2, 6, generator=gen)
+    estimators.rotation_trick(x.expand(3, 2, 6), q).backward(g)
+    expected = sum(estimators.rotation_trick_grad(x.detach()[:, 0], q[:, k], g[:, k]) for k in range(2))
+    torch.testing.assert_close(x.grad[:, 0], expected)
+
+
+def test_rotation_trick_double_backward_is_linear_in_the_incoming_gradient():
+    # d/dg <lambda R^T g, h> = lambda R h, with R and lambda constants
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    q, h = torch.randn(5, 4, dtype=torch.float64, generator=gen), torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    g = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(estimators.rotation_trick(x, q), x, g, create_graph=True)
+    (grad_x * h).sum().backward()
+    for i in range(5):
+        R = householder_rotation(x[i].detach(), q[i])
+        torch.testing.assert_close(g.grad[i], q[i].norm() / x[i].detach().norm() * R @ h[i])
+
+
+def test_rotation_trick_backward_twice_with_retained_graph_is_the_same():
+    x = torch.randn(4, 6, requires_grad=True)
+    out = estimators.rotation_trick(x, torch.randn(4, 6))
+    g = torch.randn(4, 6)
+    out.backward(g, retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    out.backward(g)
+    assert torch.equal(x.grad, first)
+
+
+def test_rotation_trick_without_gradient_is_a_detached_copy_of_q():
+    x, q = torch.randn(3, 4), torch.randn(3, 4)
+    out = estimators.rotation_trick(x, q)
+    assert torch.equal(out, q) and not out.requires_grad and out.data_ptr() != q.data_ptr()
+    with torch.no_grad():
+        assert not estimators.rotation_trick(x.requires_grad_(), q).requires_grad
+
+
+def test_rotation_trick_near_antipodal_input_keeps_a_proper_rotation():
+    x = torch.tensor([1.0, 2.0, -2.0, 0.5], dtype=torch.float64)
+    q = -3.0 * x + torch.tensor([0.0, 0.0, 0.0, 1e-9], dtype=torch.float64)  # almost opposite
+    R = jacobian(lambda t: estimators.rotation_trick(t, q), x) / (q.norm() / x.norm())
+    assert torch.isfinite(R).all()
+    assert_proper_rotation_taking(R, x / x.norm(), q / q.norm())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SimVQ's output and loss in one autograd node: the same values and gradients as estimator + separate losses
+
+
+@pytest.mark.parametrize("rotation", [True, False])
+@pytest.mark.parametrize("beta,weight", [(0.25, 1.0), (0.0, 2.0), (0.5, 0.0)])
+@pytest.mark.parametrize("uses", ["both", "output", "loss"])
+def test_simvq_fused_output_and_loss_equal_estimator_plus_losses(rotation, beta, weight, uses):
+    from vector_quantize_pytorch import SimVQ
+
+    torch.manual_seed(0)
+    sim_vq = SimVQ(
+        dim=6, codebook_size=10, rotation_trick=rotation, input_to_quantize_commit_loss_weight=beta,
+        commitment_weight=weight,
+    ).double()  # fmt: skip
+    x0, upstream = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        sim_vq.zero_grad()
+        x = x0.clone().requires_grad_()
+        codebook = sim_vq.implicit_codebook().double()
+        q = torch.nn.functional.embedding(torch.cdist(x.detach(), codebook.detach()).argmin(-1), codebook)
+        if fused:
+            out, loss = sim_vq._output_and_loss(x, q)
+        else:
+            estimator = estimators.rotation_trick if rotation else estimators.straight_through
+            out, loss = estimator(x, q.detach()), sim_vq._commitment_loss(x, q)
+        total = {"both": (out * upstream).sum() + 3 * loss, "output": (out * upstream).sum(), "loss": 3 * loss}
+        total[uses].backward()
+        results.append((out.detach(), loss.detach(), x.grad, sim_vq.code_transform.weight.grad))
+    (out, loss, grad_x, grad_w), (ref_out, ref_loss, ref_grad_x, ref_grad_w) = results
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(loss, ref_loss)
+    for got, expected in ((grad_x, ref_grad_x), (grad_w, ref_grad_w)):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from vector_quantize_pytorch.core import search
 from vector_quantize_pytorch.core.search import (
     chunk_sizes,
     distance_logits,
+    first_max,
     gather_codes,
     nearest_codes,
     sample_codes,
@@ -148,3 +150,97 @@ def test_gather_codes_passes_gradients_to_codes():
     expected = torch.zeros(2, 5)
     expected[0, 0], expected[0, 4], expected[1, 1], expected[1, 2] = 2, 1, 1, 2
     assert torch.equal(codes.grad[..., 0], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# first_max: blocked row maximum, and the search built on it
+
+
+@pytest.mark.parametrize("num_codes", [1, 7, 255, 256, 300, 1000, 1024, 1030, 8192, 8200])
+def test_first_max_equals_max_on_random_rows(num_codes):
+    g = torch.Generator().manual_seed(num_codes)
+    scores = torch.randn(3, 5, num_codes, generator=g)
+    values, indices = first_max(scores)
+    expected = scores.max(-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    assert indices.dtype == torch.int64
+
+
+@pytest.mark.parametrize("num_codes", [256, 333, 1024, 8195])
+def test_first_max_ties_go_to_the_lowest_index(num_codes):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (40, num_codes), generator=g).float()  # every row has its maximum many times
+    expected = torch.stack([row.eq(row.max()).nonzero()[0, 0] for row in scores])
+    assert torch.equal(first_max(scores)[1], expected)
+    # a maximum only in the shorter last block, and one in the first and the last block
+    scores = torch.zeros(2, num_codes)
+    scores[0, -1] = 1.0
+    scores[1, 0] = scores[1, -1] = 1.0
+    assert first_max(scores)[1].tolist() == [num_codes - 1, 0]
+
+
+def test_first_max_treats_nan_as_the_maximum_like_argmax():
+    scores = torch.randn(3, 1000)
+    scores[0, 700] = float("nan")
+    scores[1, 3] = scores[1, 900] = float("nan")
+    expected = scores.max(-1)
+    values, indices = first_max(scores)
+    assert torch.equal(indices, expected.indices) and torch.equal(indices, scores.argmax(-1))
+    assert torch.isnan(values[:2]).all() and values[2] == expected.values[2]
+
+
+@pytest.mark.parametrize("max_scores", [2**12, 2**17, 2**18, None])
+def test_nearest_with_blocked_maximum_equals_brute_force(max_scores):
+    # 1500 codes: rows long enough for the blocked maximum; 2^17 and 2^18 split them into code chunks of
+    # 256 and 512 (blocked too), 2^12 into short chunks
+    x, codes = random_problem(c=2, n=300, k=1500, d=4, seed=11)
+    if max_scores == 2**18:
+        assert chunk_sizes(300, 1500, max_scores // 2) == (256, 512)
+    assert torch.equal(nearest_codes(x, codes, max_scores=max_scores), brute_force_nearest(x, codes))
+
+
+@pytest.mark.parametrize("max_scores", [2**12, 2**16, None])
+def test_nearest_with_blocked_maximum_ties_lowest_index(max_scores):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (1, 200, 3), generator=g).float()
+    codes = torch.randint(-1, 2, (1, 300, 3), generator=g).float()  # 27 distinct codes, each many times
+    got = nearest_codes(x, codes, max_scores=max_scores)
+    assert torch.equal(got, brute_force_nearest(x, codes))
+
+
+def test_nearest_budget_counts_every_codebook(monkeypatch):
+    held = []
+    original = search._scores_into
+
+    def recording(buffer, xs, codes, bias):
+        scores = original(buffer, xs, codes, bias)
+        held.append(scores.numel())
+        return scores
+
+    monkeypatch.setattr(search, "_scores_into", recording)
+    x, codes = random_problem(c=4, n=50, k=30, d=3, seed=12)
+    got = nearest_codes(x, codes, max_scores=1200)
+    assert max(held) <= 1200 and len(held) > 1
+    assert torch.equal(got, brute_force_nearest(x, codes))
+
+
+def test_nearest_code_sq_norms_is_an_offset_s_of_the_score_2xe_minus_s():
+    x, codes = random_problem(c=2, n=40, k=9, d=3, seed=13)
+    offsets = torch.randn(2, 9, dtype=x.dtype)
+    expected = (2 * torch.bmm(x, codes.transpose(1, 2)) - offsets.unsqueeze(1)).argmax(-1)
+    for max_scores in (8, None):
+        assert torch.equal(nearest_codes(x, codes, code_sq_norms=offsets, max_scores=max_scores), expected)
+
+
+def test_nearest_accepts_expanded_inputs_and_no_tokens():
+    x, codes = random_problem(c=3, n=20, k=6, d=4, seed=14)
+    shared = x[:1].expand(3, -1, -1)  # one set of tokens searched in three codebooks, without copies
+    assert torch.equal(nearest_codes(shared, codes, max_scores=30), brute_force_nearest(shared.contiguous(), codes))
+    empty = nearest_codes(x[:, :0], codes)
+    assert empty.shape == (3, 0) and empty.dtype == torch.int64
+
+
+def test_nearest_does_not_track_gradients():
+    x, codes = random_problem(c=1, n=10, k=5, d=3, seed=15)
+    out = nearest_codes(x.requires_grad_(), codes.requires_grad_())
+    assert not out.requires_grad

@@ -101,7 +101,7 @@ class ResidualStack(nn.Module):
         """
         b, n, _ = x.shape
         residual = x
-        quantized_out = torch.zeros_like(x)
+        quantized_out = None  # the running sum starts at the first layer's codes (0 + q_0 is q_0)
         all_indices, all_losses, residuals = [], [], []
         for index in range(self.num_quantizers):
             layer_mask = mask
@@ -114,16 +114,19 @@ class ResidualStack(nn.Module):
                 keep = (cutoffs >= index).unsqueeze(-1).expand(b, n)
                 layer_mask = keep if mask is None else (mask & keep)
             residuals.append((residual, layer_mask))
+            previous = x.new_zeros(()).expand_as(x) if quantized_out is None else quantized_out
             quantized, indices, loss = self._quantize_layer(
-                index, residual, layer_mask, previous=quantized_out, **layer_kwargs
+                index, residual, layer_mask, previous=previous, **layer_kwargs
             )
             if keep is not None:
                 quantized = quantized * keep.unsqueeze(-1).to(quantized.dtype)
                 indices = torch.where(keep, indices, torch.full_like(indices, -1))
             residual = residual - frac_gradient(quantized, quant_grad_frac)
-            quantized_out = quantized_out + quantized
+            quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(indices)
             all_losses.append(loss)
+        if quantized_out is None:
+            quantized_out = torch.zeros_like(x)
         return quantized_out, self._stack_indices(all_indices, b, n, x.device), all_losses, residuals
 
     @staticmethod

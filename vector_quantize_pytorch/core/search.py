@@ -6,8 +6,10 @@ whole: tokens are processed in chunks and, for huge codebooks, codes too, keepin
 of one chunk are exactly the scores the unchunked matrix would hold, and ties resolve to the lowest code
 index, so the result equals a brute-force argmin over the whole matrix.
 
-Euclidean scores are ``2 x.e - ||e||^2``: the ``||x||^2`` term is the same for every code of a token and
-does not change which code is nearest. Cosine scores are ``x.e`` on l2-normalised vectors.
+Euclidean scores are ``2 x.e - ||e||^2`` (the ``||x||^2`` term is the same for every code of a token and does
+not change which code is nearest); the nearest-code search uses half of it, ``x.e - ||e||^2 / 2``, which one
+``addmm`` computes with the bias folded in. Cosine scores are ``x.e`` on l2-normalised vectors. Row maxima
+come from :func:`first_max`, a blocked maximum two to four times faster than ``argmax`` on CPU.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Largest number of scores held at once (float32: 32 MiB). Chosen by measurement on a 2-core CPU:
-# larger chunks gave no speed-up for codebooks of 2^10 to 2^16 codes (benchmarks/README.md).
+# Largest number of scores held at once by the chunked logits of top-k and sampling (float32: 32 MiB), and
+# the memory budget other modules scale their chunks by.
 MAX_CHUNK_SCORES = 2**23
+# Scores per chunk of the nearest-code search, over all codebooks (float32: 4 MiB). Chosen by measurement
+# (benchmarks/README.md, "Search chunk size"): a chunk's scores are written by the matrix product and read
+# again by the row maximum, which is cheap while the chunk stays in cache; 2^19 to 2^20 was fastest for
+# codebooks of 2^10 to 2^16 codes, larger chunks were up to 25% slower.
+SEARCH_CHUNK_SCORES = 2**20
+# Codes are split into chunks only when fewer tokens than this would fit beside all of them: taller chunks
+# keep the matrix products efficient (256 to 512 was fastest with 2^16 and 2^18 codes).
 MIN_TOKEN_CHUNK = 256
 
 
 def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int = MAX_CHUNK_SCORES) -> tuple[int, int]:
-    """(token chunk, code chunk) so that one chunk of scores holds at most ``max_scores`` values."""
+    """(token chunk, code chunk) so that one chunk of scores holds at most ``max_scores`` values.
+
+    Codes are split only when fewer than ``MIN_TOKEN_CHUNK`` tokens would fit beside all of them.
+    """
     code_chunk = min(num_codes, max(1, max_scores // MIN_TOKEN_CHUNK))
     token_chunk = max(1, min(num_tokens, max_scores // code_chunk))
     return token_chunk, code_chunk
@@ -34,14 +46,78 @@ def squared_norms(codes: Tensor) -> Tensor:
     return codes.pow(2).sum(-1)
 
 
-def _scores(x: Tensor, codes: Tensor, code_sq_norms: Tensor | None) -> Tensor:
-    """``(c, n, d), (c, k, d) -> (c, n, k)``: larger is nearer."""
-    codes_t = codes.transpose(1, 2)
-    if code_sq_norms is None:
-        return torch.bmm(x, codes_t)
-    return torch.baddbmm(code_sq_norms.unsqueeze(1), x, codes_t, beta=-1.0, alpha=2.0)
+def _scores_into(buffer: Tensor, x: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
+    """``x.e + bias`` for tokens ``(c, n, d)`` and codes ``(c, k, d)``, written into ``buffer`` (flat, large
+    enough) and returned as ``(c, n, k)``: one matrix product per codebook (``addmm`` / ``mm`` for a single
+    codebook, ``baddbmm`` / ``bmm`` otherwise), the bias added by the product itself."""
+    c, n, k = x.shape[0], x.shape[1], codes.shape[1]
+    out = buffer[: c * n * k]
+    if c == 1:
+        out2d = out.view(n, k)
+        if bias is None:
+            torch.mm(x[0], codes[0].t(), out=out2d)
+        else:
+            torch.addmm(bias[0], x[0], codes[0].t(), out=out2d)
+        return out.view(1, n, k)
+    out3d = out.view(c, n, k)
+    if bias is None:
+        torch.bmm(x, codes.transpose(1, 2), out=out3d)
+    else:
+        torch.baddbmm(bias.unsqueeze(1), x, codes.transpose(1, 2), out=out3d)
+    return out3d
 
 
+def _score_bias(codes: Tensor, code_sq_norms: Tensor | None) -> Tensor:
+    """``-||e||^2 / 2`` per code: ``x.e - ||e||^2 / 2`` is half the Euclidean score ``2 x.e - ||e||^2`` (exactly:
+    halving is exact in floating point) and has the same argmax."""
+    norms = squared_norms(codes) if code_sq_norms is None else code_sq_norms
+    return norms.to(codes.dtype) * -0.5
+
+
+def _block_size(num_codes: int) -> int:
+    """Block width of :func:`first_max` for rows of ``num_codes`` scores (measured, 1 CPU thread: about the
+    square root of the row; 0 means a plain argmax is faster)."""
+    if num_codes >= 8192:
+        return 128
+    if num_codes >= 1024:
+        return 64
+    if num_codes >= 256:
+        return 32
+    return 0
+
+
+def first_max(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest value of every row and the index of its first occurrence, like ``scores.max(-1)``.
+
+    ``argmax`` reads a row one value at a time; ``amax`` is vectorised and about ten times faster. So the
+    rows are cut into blocks of ``B`` values: the block maxima come from ``amax``, the first block holding
+    the row's maximum from an argmax over the (``B`` times fewer) block maxima, and the position inside that
+    block from an argmax over its ``B`` values. The first block holding the maximum holds its first
+    occurrence, so ties resolve to the lowest index exactly as ``argmax`` does (a NaN counts as the maximum,
+    as there).
+
+    Shape:
+        - scores: ``(..., K)``
+        - output: values ``(...)``, indices ``(...)`` int64
+    """
+    num_codes = scores.shape[-1]
+    block = _block_size(num_codes)
+    if block == 0:
+        return scores.max(-1)
+    whole = num_codes - num_codes % block
+    block_max = scores[..., :whole].unflatten(-1, (whole // block, block)).amax(-1)
+    if whole < num_codes:  # the last, shorter block
+        block_max = torch.cat((block_max, scores[..., whole:].amax(-1, keepdim=True)), dim=-1)
+    values, best_block = block_max.max(-1)
+    start = best_block.unsqueeze(-1) * block
+    positions = start + torch.arange(block, device=scores.device)
+    if whole < num_codes:  # past the end of the shorter last block: the last score again, after its first occurrence
+        positions.clamp_(max=num_codes - 1)
+    offset = scores.gather(-1, positions).argmax(-1, keepdim=True)
+    return values, (start + offset).squeeze(-1)
+
+
+@torch.no_grad()
 def nearest_codes(
     x: Tensor,
     codes: Tensor,
@@ -52,27 +128,34 @@ def nearest_codes(
 ) -> Tensor:
     """Index of the nearest code for every token.
 
+    Euclidean: the argmax of ``x.e - ||e||^2 / 2`` (``code_sq_norms`` may give ``||e||^2``, or any
+    per-code offset ``s`` to score ``2 x.e - s``); cosine: the argmax of ``x.e``. A chunk costs one matrix
+    product with the bias folded in (``addmm``, or ``baddbmm`` for several codebooks), written into one
+    scores buffer reused by every chunk, and one :func:`first_max`. ``max_scores`` (default
+    ``SEARCH_CHUNK_SCORES``) bounds the scores held at once over all ``c`` codebooks. No gradient is tracked.
+
     Shape:
-        - x: ``(c, N, d)``, codes: ``(c, K, d)``
+        - x: ``(c, N, d)``, codes: ``(c, K, d)``, code_sq_norms: ``(c, K)``
         - output: ``(c, N)`` int64
     """
     c, num_tokens, _ = x.shape
     num_codes = codes.shape[1]
-    if not cosine and code_sq_norms is None:
-        code_sq_norms = squared_norms(codes)
-    token_chunk, code_chunk = chunk_sizes(num_tokens, num_codes, max_scores or MAX_CHUNK_SCORES)
-
-    if token_chunk >= num_tokens and code_chunk >= num_codes:
-        return _scores(x, codes, None if cosine else code_sq_norms).argmax(-1)
+    bias = None if cosine else _score_bias(codes, code_sq_norms)
+    budget = max(1, (max_scores or SEARCH_CHUNK_SCORES) // c)
+    token_chunk, code_chunk = chunk_sizes(num_tokens, num_codes, budget)
+    buffer = torch.empty(c * token_chunk * code_chunk, device=x.device, dtype=x.dtype)
 
     out = []
     for start in range(0, num_tokens, token_chunk):
         xs = x[:, start : start + token_chunk]
+        if code_chunk >= num_codes:
+            out.append(first_max(_scores_into(buffer, xs, codes, bias))[1])
+            continue
         best_score = best_index = None
         for code_start in range(0, num_codes, code_chunk):
             cs = codes[:, code_start : code_start + code_chunk]
-            norms = None if cosine else code_sq_norms[:, code_start : code_start + code_chunk]
-            score, index = _scores(xs, cs, norms).max(-1)
+            cb = None if bias is None else bias[:, code_start : code_start + code_chunk]
+            score, index = first_max(_scores_into(buffer, xs, cs, cb))
             index = index + code_start
             if best_score is None:
                 best_score, best_index = score, index
@@ -82,7 +165,9 @@ def nearest_codes(
             best_score = torch.where(better, score, best_score)
             best_index = torch.where(better, index, best_index)
         out.append(best_index)
-    return torch.cat(out, dim=1)
+    if not out:
+        return torch.empty(c, 0, dtype=torch.long, device=x.device)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 def distance_logits(x: Tensor, codes: Tensor, *, cosine: bool = False, eps: float = 1e-8) -> Tensor:
