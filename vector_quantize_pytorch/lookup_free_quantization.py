@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from collections import namedtuple
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core.distributed import mean_over_ranks
 from .core.entropy import code_entropy, per_sample_entropy, token_weights
 from .core.estimators import straight_through
 from .core.layout import TokenLayout, check_mask
@@ -97,6 +99,13 @@ class LFQ(nn.Module):
     probability above ``1e-5``). Masked-out tokens change neither entropy nor commitment;
     ``frac_per_sample_entropy < 1`` averages ``H_sample`` over a random subset of tokens while ``H_batch``
     always uses every token. In eval mode the loss is a 0-dim zero.
+
+    Under ``torch.distributed`` (decided at each call) the batch entropy is that of the code distribution
+    averaged over the tokens of every rank: each rank's mean distribution is weighted by its number of
+    tokens and all-reduced, and the backward all-reduces its gradient, so that with DistributedDataParallel
+    (which averages gradients) the entropy term trains as on the concatenated batch. ``H_sample`` and the
+    commitment stay per-rank means, as any data-parallel loss. Every rank must run its training forwards
+    (a rank whose tokens are all masked out still takes part).
 
     Args:
         dim: input feature size. Default: ``log2(codebook_size) * num_codebooks``.
@@ -324,8 +333,9 @@ class LFQ(nn.Module):
             subset = sample_token_subset(token_mask, num_tokens, self.frac_per_sample_entropy, bit_logits.device)
             sample_weights = token_weights(subset, num_tokens, dtype=bit_logits.dtype, device=bit_logits.device)
         sample_entropy = per_sample_entropy(bit_logits, sample_weights)
-        # distributed training: pass a differentiable all-reduce mean as reduce_mean here
-        batch_entropy = code_entropy(bit_logits, weights, reduce_mean=None).mean()
+        # distributed: the batch distribution is averaged over the tokens of every rank (differentiably)
+        count = token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=bit_logits.device)
+        batch_entropy = code_entropy(bit_logits, weights, reduce_mean=partial(mean_over_ranks, count=count)).mean()
         return sample_entropy, batch_entropy
 
     def _commitment(self, h: Tensor, quantized: Tensor, token_mask: Tensor | None) -> Tensor:

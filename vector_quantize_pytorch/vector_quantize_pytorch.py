@@ -97,6 +97,15 @@ class VectorQuantize(nn.Module):
     The nearest-code search never materialises the tokens x codes distance matrix beyond a fixed budget,
     and EMA statistics are accumulated by index, so memory stays flat in the codebook size.
 
+    Distributed training: under ``torch.distributed`` (checked at every call, so the module may be built
+    before ``init_process_group``) a training step on ``N`` ranks updates every rank's codebook as one
+    process would on the concatenated batch: the first step broadcasts rank 0's codebook, the EMA counts
+    and sums are all-reduced, k-means initialisation (``sync_kmeans``) and dead-code replacement choose
+    their rows among every rank's rows with a seed shared by the ranks. Collectives are made on every
+    training step of every rank, whether or not its batch has a valid token, so every rank must run the
+    same training forwards; eval forwards make none. ``sync_codebook=False`` keeps each rank's codebook
+    to itself. A learnable codebook is an ``nn.Parameter`` trained through DistributedDataParallel as usual.
+
     Args:
         dim: input feature size.
         codebook_size: number of codes ``K``.
@@ -112,6 +121,8 @@ class VectorQuantize(nn.Module):
         commitment_weight: weight of the commitment loss ``|x - sg(q)|^2``.
         rotation_trick / straight_through / directional_reparam: gradient estimator (rotation trick by
             default when ``dim > 1``; ``straight_through`` is Gumbel-softmax straight-through).
+        sync_codebook: all-reduce the codebook statistics across ranks (None: whenever distributed).
+        sync_affine_param: all-reduce the batch moments of ``affine_param`` across ranks.
         See REFERENCE.md for the remaining arguments; every one of the reference's is accepted.
 
     Shape:
@@ -441,18 +452,29 @@ class VectorQuantize(nn.Module):
             )
 
         flat = self._to_codebook_space(tokens)
-        # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it)
+        # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it); the
+        # projections (project_in above, project_out in _outputs) run under the caller's autocast
         with torch.autocast(flat.device.type, enabled=False):
-            return self._quantize(
-                flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature, return_loss_breakdown,
+            result = self._quantize(
+                flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature,
                 ema_update_weight, accum_ema_update, ema_update, forced_indices,
             )  # fmt: skip
+        if indices is not None:
+            return result  # (quantized in codebook space, cross-entropy)
+        out, code_indices, loss, breakdown = result
+        quantized, out_indices = self._outputs(out, code_indices, x, tokens, layout, mask, b, n)
+        if return_loss_breakdown:
+            return quantized, out_indices, loss, breakdown
+        return quantized, out_indices, loss
 
     def _quantize(
-        self, flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature, return_loss_breakdown,
+        self, flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature,
         ema_update_weight, accum_ema_update, ema_update, forced_indices,
     ):  # fmt: skip
-        """The pipeline on codebook-space rows ``flat`` ``(c, N, d)``: search, statistics, estimator, losses."""
+        """The pipeline on codebook-space rows ``flat`` ``(c, N, d)``: search, statistics, estimator, losses.
+
+        Returns the quantized rows ``(c, N, d)`` (before ``project_out``), their indices, the loss and its
+        breakdown; with ``indices`` given, the cross-entropy path's result."""
         b, n = tokens.shape[:2]
         token_valid = self._token_valid(mask, b, n)
         valid = valid_rows(flat.detach(), token_valid)
@@ -492,11 +514,7 @@ class VectorQuantize(nn.Module):
 
         breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, token_valid, topk, inplace_loss)
         loss = self._total_loss(breakdown, topk, b, n, layout, token_valid)
-        quantized, out_indices = self._outputs(out, code_indices, x, tokens, layout, mask, b, n)
-
-        if return_loss_breakdown:
-            return quantized, out_indices, loss, breakdown
-        return quantized, out_indices, loss
+        return out, code_indices, loss, breakdown
 
     def _check_topk(self, topk):
         if topk is None:
@@ -516,6 +534,7 @@ class VectorQuantize(nn.Module):
         if not updates_state:
             return
         cb = self._codebook
+        cb.sync_state_once_()
         if cb.needs_kmeans_init():
             cb.kmeans_init_(flat, valid)
         if cb.affine_param:

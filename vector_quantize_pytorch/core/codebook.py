@@ -11,7 +11,23 @@ EMA update (van den Oord et al. 2017, appendix; SoundStream), per codebook ``c``
     e_k    = m_k / ((n_k + eps) / (sum_j n_j + K * eps) * sum_j n_j)      (Laplace-smoothed counts)
 
 Rows that are masked out or hold a non-finite value never enter a statistic; a batch without a single valid
-row leaves every statistic and code untouched (no decay either). None of this reads a tensor on the host.
+row leaves every statistic and code untouched (no decay either). None of this reads a tensor on the host
+(except once: whether k-means initialisation succeeded).
+
+Distributed training (``torch.distributed``, decided at every call, so a model built before
+``init_process_group`` synchronises too; ``sync_codebook=False`` turns it off):
+
+- the first training step broadcasts rank 0's codebook state, so ranks start equal however they were seeded;
+- the per-code counts and sums of every step are all-reduced, so every rank applies the EMA update of the
+  concatenated batch;
+- k-means (with ``sync_kmeans``) draws its initial means among the rows of every rank and all-reduces its
+  statistics;
+- dead codes are replaced by rows chosen among the rows of every rank, with a seed shared by the ranks.
+
+Random choices are made by sorting per-row keys computed from a shared seed and each row's position in the
+concatenated batch (core/distributed.py), so every rank makes the same choice, equal to the one a single
+process makes on the concatenated batch with the same seed (when every rank passes as many rows). A rank
+without a valid row still takes part in every collective, so it never blocks the others.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .kmeans import cluster_statistics, kmeans, shuffled_valid_rows
+from .kmeans import cluster_statistics, kmeans, random_valid_rows
 
 
 def laplace_smoothed(counts: Tensor, eps: float) -> Tensor:
@@ -142,7 +158,8 @@ class Codebook(nn.Module):
             self.register_buffer("batch_variance", torch.ones(num_codebooks, 1, dim))
             self.register_buffer("batch_stats_need_init", torch.tensor(True), persistent=False)
 
-        self._initted_on_host: bool | None = None
+        self._initted_on_host: bool | None = not kmeans_init  # None: read the buffer when next needed
+        self._state_synced = False  # whether rank 0's state was broadcast (at the first distributed step)
 
     def _initial_codes(self) -> Tensor:
         shape = (self.num_codebooks, self.codebook_size, self.dim)
@@ -158,7 +175,9 @@ class Codebook(nn.Module):
     # ----------------------------------------------------------------- checkpoints
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._initted_on_host = None
+        initted = state_dict.get(f"{prefix}initted")
+        known = isinstance(initted, Tensor) and initted.numel() == 1 and not initted.is_meta
+        self._initted_on_host = bool(initted) if known else None  # read once here, not in a forward
         if self.affine_param:
             # the reference creates its batch moments on the first training step; a checkpoint saved before
             # that has none, and then ours keep their "not yet initialised" values
@@ -171,8 +190,10 @@ class Codebook(nn.Module):
     # ----------------------------------------------------------------- k-means initialisation
 
     def needs_kmeans_init(self) -> bool:
-        """Whether the next training batch must initialise the codes. Reads the ``initted`` buffer on the
-        host once, then remembers the answer (a loaded checkpoint makes it read again)."""
+        """Whether the next training batch must initialise the codes. Answered from a host flag, never by
+        reading a tensor in a forward: the flag is set at construction, when a checkpoint is loaded and by
+        each k-means initialisation (the buffer is read only when the flag is unknown, e.g. after loading a
+        checkpoint onto the meta device; writes to ``initted`` by other means are not seen)."""
         if not self.kmeans_init:
             return False
         if self._initted_on_host is None:
@@ -181,7 +202,14 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def kmeans_init_(self, flat: Tensor, valid: Tensor) -> None:
-        """Initialise codes, counts and sums by k-means on the valid rows of ``flat`` ``(c, N, d)``."""
+        """Initialise codes, counts and sums by k-means on the valid rows of ``flat`` ``(c, N, d)``.
+
+        With ``sync_kmeans`` (and distributed), k-means runs on the rows of every rank: the initial means
+        are drawn among all ranks' rows with a shared seed and the statistics are all-reduced, so every
+        rank gets the codebook k-means gives on the concatenated batch. If no rank has a valid row the
+        codebook stays uninitialised and the next training batch tries again. Reads one value on the host
+        (whether it succeeded), once.
+        """
         sync = self.sync_codebook if self.sync_kmeans else False
         means, counts = kmeans(
             zero_invalid(flat, valid),
@@ -195,9 +223,29 @@ class Codebook(nn.Module):
         ok = (total_valid > 0).all()
         self.embed_avg.copy_(torch.where(ok, means * counts.unsqueeze(-1), self.embed_avg))
         self.cluster_size.copy_(torch.where(ok, counts, self.cluster_size))
-        self.embed.data.copy_(torch.where(ok, self._ema_codes(), self.embed.data))
+        self.embed.copy_(torch.where(ok, self._ema_codes(), self.embed))
         self.initted.copy_(ok)
-        self._initted_on_host = None
+        self._initted_on_host = bool(ok)
+
+    # ----------------------------------------------------------------- distributed state
+
+    @torch.no_grad()
+    def sync_state_once_(self) -> None:
+        """Broadcast rank 0's codes, statistics and flags, once: at the first training step that runs distributed.
+
+        Ranks then start from the same codebook even when they were seeded differently or built before
+        ``init_process_group``; the synchronised updates keep them equal afterwards. A no-op in a single
+        process, with ``sync_codebook=False``, and after the first distributed call.
+        """
+        if self._state_synced or not distributed.should_sync(self.sync_codebook):
+            return
+        for tensor in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+            wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+            synced = distributed.broadcast_(wire.detach(), sync=self.sync_codebook)
+            if synced is not tensor:
+                tensor.copy_(synced)
+        self._initted_on_host = bool(self.initted)
+        self._state_synced = True
 
     # ----------------------------------------------------------------- affine reparameterisation
 
@@ -258,7 +306,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update_ema(self) -> None:
         """Set the codes to the EMA sums divided by the Laplace-smoothed EMA counts."""
-        self.embed.data.copy_(self._ema_codes())
+        self.embed.copy_(self._ema_codes())
 
     def _ema_weight(self, weight, embed_sum: Tensor, counts: Tensor) -> Tensor | float:
         if weight is None:
@@ -287,8 +335,9 @@ class Codebook(nn.Module):
         counts, sums = cluster_statistics(
             zero_invalid(flat, valid), indices.clamp(min=0), valid.to(flat.dtype), self.codebook_size
         )
-        counts = distributed.all_reduce_sum_(counts, sync=self.sync_codebook)
-        sums = distributed.all_reduce_sum_(sums, sync=self.sync_codebook)
+        if distributed.should_sync(self.sync_codebook):  # one all-reduce for counts and sums
+            packed = distributed.all_reduce_sum_(torch.cat((counts.unsqueeze(-1), sums), dim=-1))
+            counts, sums = packed[..., 0], packed[..., 1:]
         if accumulate:
             self.accum_cluster_size.add_(counts)
             self.accum_embed_sum.add_(sums)
@@ -310,39 +359,38 @@ class Codebook(nn.Module):
     # ----------------------------------------------------------------- dead codes
 
     @torch.no_grad()
-    def expire_codes_(self, flat: Tensor, valid: Tensor | None = None) -> None:
+    def expire_codes_(self, flat: Tensor, valid: Tensor | None = None, seed: Tensor | None = None) -> None:
         """Replace every code whose EMA count is below the threshold by a distinct random valid batch row.
 
-        When there are more dead codes than valid rows, a random subset of the dead codes is replaced now
-        and the rest on later steps. Replaced codes get count ``reset_cluster_size``. The choice is made on
-        rank 0 and broadcast, so every rank holds the same codebook.
+        Dead codes are taken in index order and paired with valid rows in random order; when there are more
+        dead codes than valid rows, the first ones are replaced now and the rest on later steps. Replaced
+        codes get count ``reset_cluster_size``. When synchronised, the rows are drawn among the rows of every
+        rank with a seed shared by the ranks, so every rank replaces the same codes by the same rows: those a
+        single process picks from the concatenated batch with the same seed.
 
-        Shape:
-            - flat: ``(c, N, d)``, valid: ``(c, N)``
+        Args:
+            flat: ``(c, N, d)`` candidate rows in codebook space.
+            valid: ``(c, N)`` bool, rows that may become codes (default: the finite ones).
+            seed: ``()`` int64 seed; None draws one from the default generator (rank 0's when distributed).
         """
         if not self.has_dead_code_replacement:
             return
         if valid is None:
             valid = valid_rows(flat, None)
-        c, num_rows, d = flat.shape
+        d = flat.shape[-1]
         expired = self.cluster_size < self.threshold_ema_dead_code
-        slots = min(self.codebook_size, num_rows)
+        num_dead = expired.sum(dim=-1, keepdim=True)
+        code_order = (~expired).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
 
-        code_order, num_dead = shuffled_valid_rows(expired)  # dead codes first, in random order
-        row_order, num_valid = shuffled_valid_rows(valid)  # valid rows first, in random order
-        slot = torch.arange(slots, device=flat.device).unsqueeze(0)
-        active = (slot < num_dead) & (slot < num_valid)  # (c, slots)
-        codes_at = code_order[:, :slots]
-        rows = flat.gather(1, row_order[:, :slots].unsqueeze(-1).expand(-1, -1, d))
+        rows, num_valid = random_valid_rows(flat, valid, self.codebook_size, seed, sync=self.sync_codebook)
         if self.use_cosine_sim:
             rows = F.normalize(rows, dim=-1)
+        slot = torch.arange(self.codebook_size, device=flat.device).unsqueeze(0)
+        active = (slot < num_dead) & (slot < num_valid)  # (c, K), in code_order
+        replace = torch.zeros_like(expired).scatter(1, code_order, active)
+        new_codes = self.embed.detach().scatter(1, code_order.unsqueeze(-1).expand(-1, -1, d), rows)
 
-        replace = torch.zeros_like(expired).scatter(1, codes_at, active)
-        new_codes = self.embed.detach().clone().scatter(1, codes_at.unsqueeze(-1).expand(-1, -1, d), rows)
-        new_codes = distributed.broadcast_(new_codes, sync=self.sync_codebook)
-        replace = distributed.broadcast_(replace, sync=self.sync_codebook)
-
-        self.embed.data.copy_(torch.where(replace.unsqueeze(-1), new_codes, self.embed.data))
+        self.embed.copy_(torch.where(replace.unsqueeze(-1), new_codes, self.embed))
         self.cluster_size.masked_fill_(replace, self.reset_cluster_size)
         self.embed_avg.copy_(torch.where(replace.unsqueeze(-1), new_codes * self.reset_cluster_size, self.embed_avg))
 
@@ -367,6 +415,7 @@ class Codebook(nn.Module):
         ema_update = self.ema_update if ema_update is None else ema_update
         if not ema_update and not self.has_dead_code_replacement:
             return
+        self.sync_state_once_()
         if self.affine_param:
             flat = self.affine_inputs(flat)
         # a learnable codebook under EMA (a gradient regulariser on top) moves by the change of its EMA
@@ -379,6 +428,6 @@ class Codebook(nn.Module):
             return
         if ema_update and not self.manual_ema_update:
             target = self._ema_codes()
-            new_codes = self.embed.data + (target - target_before) if moves_by_delta else target
-            self.embed.data.copy_(torch.where(has_rows.unsqueeze(-1), new_codes, self.embed.data))
+            new_codes = self.embed + (target - target_before) if moves_by_delta else target
+            self.embed.copy_(torch.where(has_rows.unsqueeze(-1), new_codes, self.embed))
         self.expire_codes_(flat, valid)

@@ -1,4 +1,9 @@
-"""Batched k-means and random row sampling without host synchronisation."""
+"""Batched k-means and random row sampling without host synchronisation.
+
+Random rows are chosen by sorting per-row random keys derived from a seed tensor and each row's position in
+the concatenated batch of all ranks (core/distributed.py), so that distributed runs choose the rows a single
+process would choose on the concatenated batch.
+"""
 
 from __future__ import annotations
 
@@ -22,18 +27,49 @@ def shuffled_valid_rows(valid: Tensor, generator: torch.Generator | None = None)
     return keys.argsort(dim=-1), valid.sum(dim=-1, keepdim=True)
 
 
-def sample_rows(samples: Tensor, valid: Tensor, count: int) -> Tensor:
+def random_valid_rows(
+    samples: Tensor, valid: Tensor, count: int, seed: Tensor | None = None, *, sync: bool | None = False
+) -> tuple[Tensor, Tensor]:
+    """Up to ``count`` distinct valid rows in random order, the same on every rank.
+
+    Every row gets a random key from ``seed`` and its position in the concatenated batch of all ranks
+    (:func:`~vector_quantize_pytorch.core.distributed.random_row_keys`); the valid rows with the smallest
+    keys are taken. When synchronised the candidates of every rank compete, so every rank gets the same rows,
+    and they are the rows a single process gets from the concatenated batch with the same seed.
+
+    Args:
+        samples: ``(c, N, d)`` rows.
+        valid: ``(c, N)`` bool, the rows that may be chosen.
+        count: rows wanted.
+        seed: ``()`` int64 seed shared by the ranks; None draws one (:func:`distributed.shared_seed_tensor`).
+        sync: choose among the rows of every rank (None: whenever distributed).
+
+    Returns:
+        rows ``(c, count, d)`` (zeros after the last valid row) and how many are real, ``(c, 1)`` int64.
+    """
+    if seed is None:
+        seed = distributed.shared_seed_tensor(samples.device, sync=sync)
+    c, n, _ = samples.shape
+    keys = distributed.random_row_keys(seed, n, c, sync=sync)
+    keys = torch.where(valid, keys, torch.full_like(keys, distributed.INVALID_KEY))
+    rows, _, real = distributed.select_by_key(keys, samples, count, sync=sync)
+    return rows, real.sum(dim=-1, keepdim=True)
+
+
+def sample_rows(
+    samples: Tensor, valid: Tensor, count: int, seed: Tensor | None = None, *, sync: bool | None = False
+) -> Tensor:
     """``count`` rows drawn from the valid rows of each codebook: distinct while there are enough valid
-    rows, repeating them in the same random order otherwise.
+    rows, repeating them in the same random order otherwise (zeros when there is none). Synchronised as
+    :func:`random_valid_rows`.
 
     Shape:
         - samples: ``(c, N, d)``, valid: ``(c, N)``
         - output: ``(c, count, d)``
     """
-    order, num_valid = shuffled_valid_rows(valid)
+    rows, num_valid = random_valid_rows(samples, valid, count, seed, sync=sync)
     slots = torch.arange(count, device=samples.device).unsqueeze(0) % num_valid.clamp(min=1)
-    rows = order.gather(1, slots)
-    return samples.gather(1, rows.unsqueeze(-1).expand(-1, -1, samples.shape[-1]))
+    return rows.gather(1, slots.unsqueeze(-1).expand(-1, -1, samples.shape[-1]))
 
 
 def cluster_statistics(samples: Tensor, assign: Tensor, weights: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
@@ -61,13 +97,15 @@ def kmeans(
     valid: Tensor | None = None,
     cosine: bool = False,
     sync: bool | None = False,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means, one independent problem per codebook.
 
-    Initial means are random valid rows (broadcast from rank 0 when synchronised). Each iteration assigns
-    every valid row to its nearest mean and moves each mean to the average of its rows; counts and sums are
-    summed over ranks first, so distributed k-means equals k-means on the concatenated batch. A cluster that
-    receives no row keeps its previous mean.
+    Initial means are random valid rows (:func:`sample_rows` with ``seed``: when synchronised, chosen among
+    the rows of every rank, identically on every rank). Each iteration assigns every valid row to its nearest
+    mean and moves each mean to the average of its rows; counts and sums are summed over ranks first. So
+    distributed k-means equals k-means on the concatenated batch with the same seed (up to the rounding of
+    the summed statistics). A cluster that receives no row keeps its previous mean.
 
     Shape:
         - samples: ``(c, N, d)``, valid: ``(c, N)`` bool
@@ -78,7 +116,7 @@ def kmeans(
     samples = torch.where(valid.unsqueeze(-1), samples, torch.zeros_like(samples))
     weights = valid.to(samples.dtype)
 
-    means = distributed.broadcast_(sample_rows(samples, valid, num_clusters), sync=sync)
+    means = sample_rows(samples, valid, num_clusters, seed, sync=sync)
     counts = torch.zeros(means.shape[:2], device=samples.device, dtype=samples.dtype)
     for _ in range(num_iters):
         assign = nearest_codes(samples, means, cosine=cosine)

@@ -1,0 +1,84 @@
+"""One spawn of ``world_size`` gloo processes (CPU) runs every scenario of scenarios.py; tests compare its
+results with a single process fed the concatenated batch.
+
+The models are built before ``init_process_group`` (whether to synchronise is decided at call time), the
+process group has a short timeout and the whole spawn a deadline, so a deadlock fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scenarios  # noqa: E402
+
+COLLECTIVE_TIMEOUT_S = 60  # a collective waiting longer than this raises (a deadlock fails, never hangs)
+SPAWN_DEADLINE_S = 240
+
+
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    models = {name: scenarios.build(s, rank) for name, s in scenarios.SCENARIOS.items()}  # before the group
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out_dir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    results = {}
+    try:
+        for name, scenario in scenarios.SCENARIOS.items():
+            model = models.pop(name)
+            trained = nn.parallel.DistributedDataParallel(model) if scenario.ddp else model
+            records = scenarios.train(scenario, trained, world_size, rank)
+            results[name] = (records, scenarios.codebook_state(model))
+            del model, trained
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        # DDP's hooks keep the process group alive; if it is only freed during interpreter shutdown, its gloo
+        # threads abort the process ("terminate called without an active exception"), so free it now
+        models.clear()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, out_dir: Path) -> list[dict]:
+    """Run every scenario in ``world_size`` processes; rank r's results, in rank order."""
+    context = mp.start_processes(
+        _worker, args=(world_size, str(out_dir)), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} processes did not finish within {SPAWN_DEADLINE_S} s (deadlock?)")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+@pytest.fixture(scope="session")
+def distributed_results(tmp_path_factory):
+    """``world_size -> [rank 0's results, ...]``, spawned once per world size on first use."""
+    cache = {}
+
+    def get(world_size: int) -> list[dict]:
+        if world_size not in cache:
+            cache[world_size] = spawn(world_size, tmp_path_factory.mktemp(f"world{world_size}"))
+        return cache[world_size]
+
+    return get
