@@ -21,6 +21,7 @@ Needs torch, tqdm and matplotlib; MNIST is read from ``data/mnist`` with gzip (n
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import importlib.util
 import inspect
@@ -430,5 +431,9 @@ def main(example: Example, argv: list[str] | None = None) -> dict:
         )
         print(f"test_mse={metrics['test_mse']:.5f} usage={metrics['usage']:.4f} perplexity={metrics['perplexity']:.1f}")
     if process.world_size > 1:
+        # free the DDP model first: gloo work objects it keeps alive otherwise die during interpreter shutdown
+        # and can abort the process ("terminate called without an active exception"; torch 2.13)
+        del trained, model
+        gc.collect()
         dist.destroy_process_group()
     return metrics
