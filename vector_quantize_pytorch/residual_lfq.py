@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .core.layout import TokenLayout, check_mask
 from .core.residual import GroupedStacks, ResidualStack
-from .core.validate import check_bool, check_float, check_indices, check_input, check_int
+from .core.validate import check_bool, check_float, check_input, check_int
 from .lookup_free_quantization import LFQ
 from .residual_fsq import check_dropout_args, check_layer_kwargs
 
@@ -130,10 +130,7 @@ class ResidualLFQ(ResidualStack):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Codes of every layer; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., codebook_dim)``."""
-        check_indices("indices", indices, min_ndim=2)
-        lead = indices.shape[:-1]
-        codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
-        return codes.reshape(self.num_quantizers, *lead, self.codebook_dim)
+        return self._all_layer_codes(indices)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)``

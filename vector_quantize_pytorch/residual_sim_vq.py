@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .core.layout import TokenLayout
 from .core.residual import ResidualStack
-from .core.validate import check_bool, check_indices, check_input, check_int
+from .core.validate import check_bool, check_input, check_int
 from .residual_fsq import check_dropout_args
 from .sim_vq import SimVQ
 
@@ -113,10 +113,7 @@ class ResidualSimVQ(ResidualStack):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Every layer's codes; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., dim)``
         (``(q, b, dim, ...)`` with ``channel_first``)."""
-        check_indices("indices", indices, min_ndim=2)
-        lead = indices.shape[:-1]
-        codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
-        codes = codes.reshape(self.num_quantizers, *lead, self.dim)
+        codes = self._all_layer_codes(indices)
         return codes.movedim(-1, 2) if self.channel_first else codes
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:

@@ -474,11 +474,7 @@ class ResidualVQ(ResidualStack):
             - indices: ``(b, ..., q')`` with ``q' <= q``
             - output: ``(q, b, ..., codebook_dim)``
         """
-        check_indices("indices", indices, min_ndim=2)
-        lead = indices.shape[:-1]
-        flat = indices.reshape(indices.shape[0], -1, indices.shape[-1])
-        codes = self._codes_from_token_indices(flat)
-        return codes.reshape(self.num_quantizers, *lead, self.codebook_dim)
+        return self._all_layer_codes(indices)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode.

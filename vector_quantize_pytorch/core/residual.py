@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .layout import TokenLayout
+from .validate import check_indices
 
 
 def round_up_cutoff(cutoff: int, multiple_of: int) -> int:
@@ -159,6 +160,14 @@ class ResidualStack(nn.Module):
         for layer_codes in codes:
             total = total + layer_codes
         return total
+
+    def _all_layer_codes(self, indices: Tensor) -> Tensor:
+        """Every layer's codes for indices as forward returns them: ``(b, ..., q') -> (q, b, ..., d)``;
+        index -1 and missing trailing layers give zero codes."""
+        check_indices("indices", indices, min_ndim=2)
+        lead = indices.shape[:-1]
+        codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
+        return codes.reshape(self.num_quantizers, *lead, codes.shape[-1])
 
     def _codes_from_token_indices(self, indices: Tensor) -> Tensor:
         """``(b, n, q)`` indices -> ``(q, b, n, d)`` codes; index -1 gives a zero code."""
