@@ -133,24 +133,8 @@ def trained_base(case: Case) -> nn.Module:
     return module
 
 
-KNOWN_FAILURES = {
-    "HierarchicalVQ": "hierarchical_vq.py Phi.forward: q.lerp(self.conv(q), ratio) mixes the float32 codes with the "
-    "conv's half-precision output under autocast (RuntimeError: expected dtype float for `end`); cast the conv "
-    "output to q.dtype",
-}
-
-
-def with_known_failures(names):
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=False))
-        if name in KNOWN_FAILURES
-        else name
-        for name in names
-    ]
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize("name", with_known_failures(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_trains_under_autocast_with_float32_state_and_the_inputs_dtype(name, dtype):
     case = CASES[name]
     module = trained_base(case)

@@ -91,23 +91,7 @@ def run_step(module, x, seed):
     return outputs_of(result), [g.clone() for g in grads if g is not None]
 
 
-KNOWN_GRAPH_BREAKS = {
-    "VectorQuantize-cosine-heads": "core/estimators.py _row_dot: torch.mul(a, b, out=scratch) with a "
-    "non-contiguous scratch is a dynamo graph break ('Attempted to call op with non-contiguous out= tensor'); "
-    "skip the scratch buffer under torch.compiler.is_compiling() or make it contiguous",
-}
-
-
-def with_known_graph_breaks(names):
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_GRAPH_BREAKS[name], strict=False))
-        if name in KNOWN_GRAPH_BREAKS
-        else name
-        for name in names
-    ]
-
-
-@pytest.mark.parametrize("name", with_known_graph_breaks(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_compiled_training_and_eval_forwards_equal_eager(name):
     torch.manual_seed(0)
     eager = CASES[name]().train()

@@ -26,6 +26,7 @@ from .core.validate import (
     check_bool,
     check_feature_size,
     check_float,
+    check_indices,
     check_input,
     check_int,
     check_int_sequence,
@@ -366,7 +367,11 @@ class FSQ(nn.Module):
 
         Returns:
             ``(..., d)`` codes; channel-first ``(b, d, ...)`` for image/video indices or ``channel_first``.
+
+        Raises:
+            TypeError: ``indices`` is not an integer tensor (floating point and bool are refused).
         """
+        check_indices("indices", indices, min_ndim=0)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self._level_indices_to_codes(self.indices_to_level_indices(indices))
         if self.orthogonal_rotation:

@@ -36,7 +36,8 @@ class Phi(nn.Module):
     def forward(self, q: Tensor) -> Tensor:
         if self.resi_ratio <= 1e-8:
             return q
-        return q.lerp(self.conv(q), self.resi_ratio)
+        # under autocast the conv gives half precision; mix in q's dtype
+        return q.lerp(self.conv(q).to(q.dtype), self.resi_ratio)
 
 
 def to_level_shape(scale, spatial_dims: int, name: str = "scales") -> tuple[int, ...]:

@@ -27,6 +27,7 @@ from .core.validate import (
     check_bool,
     check_feature_size,
     check_float,
+    check_indices,
     check_input,
     check_int,
     check_optional_bool,
@@ -304,7 +305,11 @@ class LFQ(nn.Module):
 
         Returns:
             ``(b, ..., d)``, or channel-first ``(b, d, ...)`` for image/video indices (or per ``channel_first``).
+
+        Raises:
+            TypeError: ``indices`` is not an integer tensor (floating point and bool are refused).
         """
+        check_indices("indices", indices, min_ndim=0)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if not self.keep_num_codebooks_dim:

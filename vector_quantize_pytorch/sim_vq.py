@@ -180,8 +180,8 @@ class SimVQ(nn.Module):
 
     def _commitment_loss(self, flat: Tensor, quantized: Tensor) -> Tensor:
         """``(|sg(x) - q|^2 + beta |x - sg(q)|^2) * commitment_weight`` as means over all elements."""
-        codebook_term = F.mse_loss(quantized, flat.detach())
-        input_term = F.mse_loss(flat, quantized.detach())
+        codebook_term = _mean_squared_error(quantized, flat.detach())
+        input_term = _mean_squared_error(flat, quantized.detach())
         return (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
 
     def _output_and_loss(self, flat: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor]:
@@ -214,7 +214,7 @@ class _QuantizeWithCommitment(torch.autograd.Function):
         ctx.save_for_backward(x, q)
         ctx.beta, ctx.weight, ctx.rotation = beta, weight, rotation
         ctx.set_materialize_grads(False)
-        mse = F.mse_loss(q, x)
+        mse = _mean_squared_error(q, x)
         return q.clone(), (mse + mse * beta) * weight
 
     @staticmethod
@@ -229,7 +229,7 @@ class _QuantizeWithCommitment(torch.autograd.Function):
         if grad_loss is None:
             return grad_x, grad_q, None, None, None
         diff = q - x
-        coef = grad_loss * (2.0 * ctx.weight / diff.numel())
+        coef = grad_loss * (2.0 * ctx.weight / max(diff.numel(), 1))
         if needs_x:
             if grad_x is None:
                 grad_x = diff * (-ctx.beta * coef)
@@ -240,6 +240,15 @@ class _QuantizeWithCommitment(torch.autograd.Function):
         if needs_q:
             grad_q = diff * coef if differentiable else diff.mul_(coef)
         return grad_x, grad_q, None, None, None
+
+
+def _mean_squared_error(a: Tensor, b: Tensor) -> Tensor:
+    """``F.mse_loss(a, b)``, but an exact zero for empty tensors instead of NaN (the mean of nothing).
+
+    The test is on the (static) element count, so it is no host sync."""
+    if a.numel() == 0:
+        return (a - b).square().sum()
+    return F.mse_loss(a, b)
 
 
 def _initial_frozen_codebook(codebook_size: int, frozen_dim: int, init_fn: Callable[[Tensor], Tensor]) -> Tensor:

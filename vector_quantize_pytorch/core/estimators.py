@@ -71,7 +71,13 @@ def rotation_trick_grad(x: Tensor, q: Tensor, grad: Tensor, eps: float = 1e-6) -
     differentiable = torch.is_grad_enabled() and g.requires_grad
     s = torch.mul(x, inv_x).addcmul_(q, inv_q)  # u + v
     s_sq = torch.linalg.vector_norm(s, dim=-1, keepdim=True).square()
-    scratch = None if differentiable else torch.empty_like(s)
+    # one product buffer for both row dots in eager mode; compiled code fuses the products into the sums instead
+    # (and dynamo refuses an out= tensor that is not contiguous, as empty_like(s) is for a strided input)
+    scratch = (
+        None
+        if differentiable or torch.compiler.is_compiling()
+        else torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    )
     u_dot_g = _row_dot(x, g, scratch) * inv_x
     v_dot_g = _row_dot(q, g, scratch) * inv_q
     antipodal = (s_sq < (10 * eps) ** 2) & ~degenerate
