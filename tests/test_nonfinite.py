@@ -421,12 +421,6 @@ def test_vector_quantize_learnable_codebook_gradient_is_finite_on_a_partly_bad_b
     assert torch.isfinite(vq._codebook.embed.grad).all()
 
 
-@pytest.mark.xfail(
-    reason="vector_quantize_pytorch.py VectorQuantize._in_place_optimize: the in-forward optimiser step's loss "
-    "masks non-finite rows after forming (quantize - x)^2, so its gradient is NaN and the step writes NaN into "
-    "the codebook (a batch with no finite row should also skip the step)",
-    strict=False,
-)
 @pytest.mark.parametrize("partial", [True, False], ids=["partly bad", "all bad"])
 def test_vector_quantize_in_place_optimizer_never_writes_non_finite_codes(partial):
     vq = vqp.VectorQuantize(

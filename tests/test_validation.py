@@ -418,6 +418,7 @@ FAILING_CALLS = [
     ),  # fmt: skip
     ("vq lens batch", _kmeans_vq, lambda m: m(X, lens=torch.tensor([1, 2, 3])), ValueError, ["(3, 5)"]),
     ("vq topk 0", _kmeans_vq, lambda m: m(X, topk=0), ValueError, ["topk", "0"]),
+    ("vq indices range", _kmeans_vq, lambda m: m(X, indices=torch.full((2, 5), 8)), ValueError, ["indices", "8"]),
     ("rvq mask shape", _kmeans_rvq, lambda m: m(X, mask=torch.ones(2, 4).bool()), ValueError, ["(2, 4)"]),
     ("rvq beam 0", _kmeans_rvq, lambda m: m(X, beam_size=0), ValueError, ["beam_size", "0"]),
     (
@@ -520,12 +521,6 @@ def test_a_failing_call_raises_before_changing_any_state(label, make, call, erro
     assert_state_unchanged(module, before)
 
 
-@pytest.mark.xfail(
-    reason="vector_quantize_pytorch.py VectorQuantize.forward: indices= is checked only in _indices_to_rows, "
-    "after the k-means initialisation and EMA step of _prepare_codebook, and a wrong shape surfaces as the "
-    "RuntimeError of a reshape",
-    strict=False,
-)
 def test_vector_quantize_indices_of_the_wrong_shape_raise_value_error_and_change_nothing():
     module = _kmeans_vq().train()
     before = full_state(module)
@@ -534,11 +529,6 @@ def test_vector_quantize_indices_of_the_wrong_shape_raise_value_error_and_change
     assert_state_unchanged(module, before)
 
 
-@pytest.mark.xfail(
-    reason="vector_quantize_pytorch.py VectorQuantize.forward: float indices= are truncated by .long() instead "
-    "of raising TypeError (get_codes_from_indices does raise)",
-    strict=False,
-)
 def test_vector_quantize_float_indices_raise_type_error():
     with pytest.raises(TypeError):
         _kmeans_vq().train()(X, indices=torch.zeros(2, 5))
@@ -558,21 +548,8 @@ EMPTY_CASES = [
     ("RandomProjectionQuantizer", lambda: vqp.RandomProjectionQuantizer(dim=4, codebook_size=8, codebook_dim=3)),
     ("VectorQuantize", lambda: vqp.VectorQuantize(dim=4, codebook_size=8, threshold_ema_dead_code=1)),
     ("ResidualVQ", lambda: vqp.ResidualVQ(dim=4, codebook_size=8, num_quantizers=2)),
-    *[
-        pytest.param(
-            name,
-            make,
-            marks=pytest.mark.xfail(
-                reason="sim_vq.py SimVQ._commitment_loss: F.mse_loss over zero elements is NaN (the mean of nothing); "
-                "an empty batch should give a zero loss like every other quantizer",
-                strict=False,
-            ),
-        )
-        for name, make in [
-            ("SimVQ", lambda: vqp.SimVQ(dim=4, codebook_size=8)),
-            ("ResidualSimVQ", lambda: vqp.ResidualSimVQ(dim=4, codebook_size=8, num_quantizers=2)),
-        ]
-    ],
+    ("SimVQ", lambda: vqp.SimVQ(dim=4, codebook_size=8)),
+    ("ResidualSimVQ", lambda: vqp.ResidualSimVQ(dim=4, codebook_size=8, num_quantizers=2)),
     ("VectorQuantize-kmeans", lambda: vqp.VectorQuantize(dim=4, codebook_size=8, kmeans_init=True)),
     ("ResidualVQ-kmeans", lambda: vqp.ResidualVQ(dim=4, codebook_size=8, num_quantizers=2, kmeans_init=True)),
 ]
@@ -623,21 +600,8 @@ DECODERS = [
     ("LatentQuantize", lambda: vqp.LatentQuantize(levels=[3, 4], dim=2), "indices_to_codes", _long(2, 5)),
     ("SimVQ", lambda: vqp.SimVQ(dim=4, codebook_size=8), "indices_to_codes", _long(2, 5)),
     ("FSP", lambda: vqp.FSP(levels=[3, 4]), "indices_to_codes", _long(2, 5)),
-    *[
-        pytest.param(
-            *case,
-            marks=pytest.mark.xfail(
-                reason=f"{source}: indices_to_codes reads float and bool indices as integers (no dtype check)",
-                strict=False,
-            ),
-        )
-        for source, case in [
-            ("finite_scalar_quantization.py FSQ",
-             ("FSQ", lambda: vqp.FSQ(levels=[3, 4]), "indices_to_codes", _long(2, 5))),
-            ("lookup_free_quantization.py LFQ", ("LFQ", lambda: vqp.LFQ(dim=4, codebook_size=16), "indices_to_codes",
-                                                 _long(2, 5))),
-        ]
-    ],
+    ("FSQ", lambda: vqp.FSQ(levels=[3, 4]), "indices_to_codes", _long(2, 5)),
+    ("LFQ", lambda: vqp.LFQ(dim=4, codebook_size=16), "indices_to_codes", _long(2, 5)),
 ]  # fmt: skip
 
 
@@ -646,11 +610,6 @@ DECODERS = [
 def test_decoders_refuse_indices_that_are_not_integers(label, make, method, indices, dtype):
     decode = getattr(make(), method)
     decode(indices)  # integer indices work
-    if dtype == torch.bool and label.startswith("VectorQuantize"):
-        pytest.xfail(
-            "vector_quantize_pytorch.py VectorQuantize._codes_channel_last: only floating point indices are refused; "
-            "bool indices are read as 0/1"
-        )
     with pytest.raises(TypeError, match="indices"):
         decode(indices.to(dtype))
 
@@ -670,11 +629,6 @@ def test_binary_mapper_log_prob_refuses_float_indices():
 # accepted edge values must work
 
 
-@pytest.mark.xfail(
-    reason="core/kmeans.py kmeans returns all-zero counts when num_iters=0, so core/codebook.py kmeans_init_ sets "
-    "embed_avg = cluster_size = 0 and the codes to 0/0 = NaN (kmeans_iters=0 is accepted by VectorQuantize)",
-    strict=False,
-)
 def test_kmeans_with_zero_iterations_initialises_finite_codes_from_the_batch():
     vq = vqp.VectorQuantize(dim=2, codebook_size=3, kmeans_init=True, kmeans_iters=0).train()
     x = torch.randn(2, 4, 2)

@@ -13,7 +13,7 @@ from .core import distributed, estimators, losses
 from .core.codebook import Codebook, valid_rows
 from .core.layout import TokenLayout, check_mask, lens_to_mask
 from .core.search import distance_logits, gather_codes, gumbel_noise_like, nearest_codes, sample_codes, topk_codes
-from .core.validate import check_bool, check_float, check_int, check_optional_bool
+from .core.validate import check_bool, check_float, check_indices, check_int, check_optional_bool
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -451,6 +451,11 @@ class VectorQuantize(nn.Module):
                 "codebook_transform_fn is used by ResidualVQ(implicit_neural_codebook=True); call that instead"
             )
 
+        if indices is not None:
+            self._check_forward_indices("indices", indices, layout, b, check_values=True)
+        if forced_indices is not None:
+            self._check_forward_indices("forced_indices", forced_indices, layout, b)
+
         flat = self._to_codebook_space(tokens)
         # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it); the
         # projections (project_in above, project_out in _outputs) run under the caller's autocast
@@ -516,6 +521,26 @@ class VectorQuantize(nn.Module):
         loss = self._total_loss(breakdown, topk, b, n, layout, token_valid)
         return out, code_indices, loss, breakdown
 
+    def _check_forward_indices(
+        self, name: str, indices, layout: TokenLayout, b: int, *, check_values: bool = False
+    ) -> None:
+        """Indices given to forward: an integer tensor shaped as forward returns indices for this input, with
+        values in ``[0, codebook_size)`` or -1 (ignored, as at masked positions). The value check reads one
+        value on the host (skipped while compiling)."""
+        check_indices(name, indices)
+        expected = (b, *layout.spatial) + ((self.heads,) if self.heads > 1 else ())
+        if tuple(indices.shape) != expected:
+            raise ValueError(
+                f"{name} must have the shape of the indices forward returns for this input, {expected}, "
+                f"got {tuple(indices.shape)}"
+            )
+        if check_values and not torch.compiler.is_compiling():
+            if ((indices < -1) | (indices >= self.codebook_size)).any():
+                raise ValueError(
+                    f"{name} must lie in [0, codebook_size) = [0, {self.codebook_size}) (or be -1 to be ignored), "
+                    f"got values from {indices.min().item()} to {indices.max().item()}"
+                )
+
     def _check_topk(self, topk):
         if topk is None:
             return None
@@ -541,12 +566,22 @@ class VectorQuantize(nn.Module):
             cb.update_affine_statistics_(flat, valid)
 
     def _in_place_optimize(self, flat: Tensor, quantize: Tensor, valid: Tensor, temperature: float):
-        """One optimiser step on the codebook inside forward (vqtorch's alternating update), then search again."""
-        per_token = (quantize - flat.detach()).pow(2).mean(-1)
-        loss = losses.masked_mean(torch.where(valid, per_token, torch.zeros_like(per_token)), valid)
+        """One optimiser step on the codebook inside forward (vqtorch's alternating update), then search again.
+
+        Rows that are masked or not finite give no gradient (they are zeroed before the squared error, so no
+        ``NaN * 0`` reaches the codes); when no rank has a valid row the codes are restored after the step,
+        so an optimiser with momentum or weight decay cannot move them on a batch with nothing to learn from.
+        """
+        loss = losses.commitment_loss(flat.detach(), quantize, valid)
         loss.backward()
         if not self.manual_in_place_optimizer_update:
+            params = [p for p in self._codebook.parameters() if p.requires_grad]
+            before = [p.detach().clone() for p in params]
             self.update_in_place_optimizer()
+            has_rows = distributed.all_reduce_sum_(valid.sum().float(), sync=self._codebook.sync_codebook) > 0
+            with torch.no_grad():
+                for param, old in zip(params, before):
+                    param.copy_(torch.where(has_rows, param, old))
         codes = self.effective_codes()
         code_indices, _ = self._select_codes(flat, codes, temperature, None)
         return loss.detach(), gather_codes(codes, code_indices), code_indices, codes
@@ -628,7 +663,7 @@ class VectorQuantize(nn.Module):
             q = self._merge_heads(out, b, n).flatten(2)
             idx = self._merge_heads(code_indices, b, n)
             idx = idx[..., 0] if self.heads == 1 else idx
-        q = self.project_out(q.to(dtype)).to(dtype)
+        q = self._project_out(q.to(dtype)).to(dtype)
         if mask is not None:
             fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
             if q.ndim == 4:
@@ -679,11 +714,19 @@ class VectorQuantize(nn.Module):
             - output: ``(b, ..., dim)`` (channel-first for channel-first quantizers)
         """
         codes = self._codes_channel_last(indices)
-        out = self.project_out(codes)
+        out = self._project_out(codes)
         missing = self._missing(indices)
         if missing is not None and self.return_zeros_for_masked_padding:
             out = out.masked_fill(missing.unsqueeze(-1), 0.0)
         return self._channel_first(out)
+
+    def _project_out(self, t: Tensor) -> Tensor:
+        """``project_out`` on ``(..., heads * codebook_dim)`` as one ``(M, heads * codebook_dim)`` matrix, so that
+        forward and decoding run the same kernel on the same rows whatever the layout (bit-identical outputs)."""
+        if not self.has_projections:
+            return t
+        lead = t.shape[:-1]
+        return self.project_out(t.reshape(-1, t.shape[-1])).reshape(*lead, self.dim)
 
     def _missing(self, indices: Tensor) -> Tensor | None:
         if self.heads > 1:
@@ -691,8 +734,7 @@ class VectorQuantize(nn.Module):
         return indices < 0
 
     def _codes_channel_last(self, indices: Tensor) -> Tensor:
-        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
-            raise TypeError("indices must be an integer torch.Tensor")
+        check_indices("indices", indices, min_ndim=1 if self.heads > 1 else 0)
         heads_axis = self.heads > 1
         if heads_axis and indices.shape[-1] != self.heads:
             raise ValueError(f"indices must end with a heads axis of size {self.heads}, got {tuple(indices.shape)}")
@@ -746,6 +788,7 @@ class VectorQuantize(nn.Module):
             - x: as forward's input; indices: as forward returns them; mask: ``(b, n)``
         """
         flat, layout, b, n = self._flat_from_input(x)
+        self._check_forward_indices("indices", indices, layout, b)
         rows = self._indices_to_rows(indices, layout, b, n)
         token_valid = self._token_valid(check_mask(mask, b, n) if mask is not None else None, b, n)
         valid = valid_rows(flat, token_valid) & (rows >= 0)

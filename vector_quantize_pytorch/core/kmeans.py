@@ -105,7 +105,8 @@ def kmeans(
     the rows of every rank, identically on every rank). Each iteration assigns every valid row to its nearest
     mean and moves each mean to the average of its rows; counts and sums are summed over ranks first. So
     distributed k-means equals k-means on the concatenated batch with the same seed (up to the rounding of
-    the summed statistics). A cluster that receives no row keeps its previous mean.
+    the summed statistics). A cluster that receives no row keeps its previous mean. With ``num_iters=0`` the
+    means are the sampled rows and the counts those of the valid rows' assignment to them.
 
     Shape:
         - samples: ``(c, N, d)``, valid: ``(c, N)`` bool
@@ -117,14 +118,26 @@ def kmeans(
     weights = valid.to(samples.dtype)
 
     means = sample_rows(samples, valid, num_clusters, seed, sync=sync)
-    counts = torch.zeros(means.shape[:2], device=samples.device, dtype=samples.dtype)
+    if num_iters == 0:
+        counts, _ = _assignment_statistics(samples, means, weights, cosine, sync)
     for _ in range(num_iters):
-        assign = nearest_codes(samples, means, cosine=cosine)
-        counts, sums = cluster_statistics(samples, assign, weights, num_clusters)
-        counts = distributed.all_reduce_sum_(counts, sync=sync)
-        sums = distributed.all_reduce_sum_(sums, sync=sync)
+        counts, sums = _assignment_statistics(samples, means, weights, cosine, sync)
         new_means = sums / counts.clamp(min=1.0).unsqueeze(-1)
         if cosine:
             new_means = F.normalize(new_means, dim=-1)
         means = torch.where((counts > 0).unsqueeze(-1), new_means, means)
     return means, counts
+
+
+def _assignment_statistics(
+    samples: Tensor, means: Tensor, weights: Tensor, cosine: bool, sync: bool | None
+) -> tuple[Tensor, Tensor]:
+    """Counts and sums of the rows nearest to each mean, summed over ranks.
+
+    Shape:
+        - samples: ``(c, N, d)``, means: ``(c, K, d)``, weights: ``(c, N)``
+        - output: counts ``(c, K)``, sums ``(c, K, d)``
+    """
+    assign = nearest_codes(samples, means, cosine=cosine)
+    counts, sums = cluster_statistics(samples, assign, weights, means.shape[1])
+    return distributed.all_reduce_sum_(counts, sync=sync), distributed.all_reduce_sum_(sums, sync=sync)
