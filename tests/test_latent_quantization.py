@@ -385,3 +385,13 @@ def test_loss_sends_the_quantization_term_gradient_to_the_input():
     expected = 0.1 * 2 * (z - out).detach() / z.numel()
     torch.testing.assert_close(z.grad, expected)
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in quantizer.values_per_latent)
+
+
+def test_first_min_over_levels_equals_argmin_with_ties_and_nans():
+    from vector_quantize_pytorch.latent_quantization import _first_min_over_levels
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        distances = torch.randint(0, 4, (5, 7, 3), generator=generator).float()  # many ties
+        distances[torch.rand(distances.shape, generator=generator) < 0.1] = float("nan")
+        assert torch.equal(_first_min_over_levels(distances), distances.argmin(0))

@@ -227,13 +227,13 @@ class LatentQuantize(nn.Module):
 
     def _nearest_level_indices(self, latents: Tensor, flat_values: Tensor) -> Tensor:
         """``(..., codebook_dim)`` -> int64 position of the nearest value in each dimension's grid."""
-        grid = self._padded_grid(flat_values)
-        rows = latents.detach().reshape(-1, self.codebook_dim)
+        grid = self._padded_grid(flat_values).t().unsqueeze(-1)  # (longest level, codebook_dim, 1)
+        columns = latents.detach().reshape(-1, self.codebook_dim).t().contiguous()  # (codebook_dim, tokens)
         chunk = max(1, MAX_DISTANCES // grid.numel())
-        nearest = [(part.unsqueeze(-1) - grid).abs().argmin(-1) for part in rows.split(chunk)]
+        nearest = [_first_min_over_levels((grid - part).abs()) for part in columns.split(chunk, dim=1)]
         # an infinite latent meets inf - inf = nan in the padding; keep its index inside the grid
-        nearest = torch.minimum(torch.cat(nearest), self._levels.long() - 1)
-        return nearest.view(latents.shape)
+        nearest = torch.minimum(torch.cat(nearest, dim=1).t(), self._levels.long() - 1)
+        return nearest.reshape(latents.shape)
 
     def _values_at(self, flat_values: Tensor, level_indices: Tensor) -> Tensor:
         """Grid values at ``(..., codebook_dim)`` level indices."""
@@ -379,9 +379,9 @@ class LatentQuantize(nn.Module):
         out_for_commitment = self._project_out(committed, layout, x.dtype)
         # the two mean squared errors, over the finite elements only: a NaN/Inf input neither enters the loss nor
         # sends a NaN gradient to the value grids
-        finite = torch.isfinite(x) & torch.isfinite(out)
-        loss = self.commitment_loss_weight * _finite_mse(x.float().detach(), out_for_commitment.float(), finite)
-        loss = loss + self.quantization_loss_weight * _finite_mse(out.float().detach(), x.float(), finite)
+        loss = _CommitmentAndQuantizationLoss.apply(
+            out_for_commitment, x, self.commitment_loss_weight, self.quantization_loss_weight
+        )
         return out, indices, loss
 
     def _project_out(self, codes: Tensor, layout: TokenLayout, dtype: torch.dtype) -> Tensor:
@@ -395,12 +395,73 @@ class LatentQuantize(nn.Module):
         )
 
 
+def _first_min_over_levels(distances: Tensor) -> Tensor:
+    """``distances.argmin(0)`` for a short first axis (the grid levels), three to four times faster on CPU.
+
+    ``argmin`` along a short axis reads the values one at a time; ``amin`` is vectorised. So the minimum comes
+    from ``amin``, and the first level holding it from the largest of the descending weights ``L - l`` over the
+    levels that hold it. NaN counts as the minimum, as in ``argmin``: a row with a NaN gets its first NaN.
+
+    Shape:
+        - distances: ``(L, ...)``
+        - output: ``(...)`` int64
+    """
+    num_levels = distances.shape[0]
+    weights = torch.arange(num_levels, 0, -1, dtype=torch.int32, device=distances.device)
+    weights = weights.view(num_levels, *([1] * (distances.ndim - 1)))
+    smallest = distances.amin(0)
+    holds_minimum = (distances == smallest) | distances.isnan()
+    return num_levels - (holds_minimum * weights).amax(0).long()
+
+
 def _finite_mse(target: Tensor, prediction: Tensor, finite: Tensor) -> Tensor:
     """Mean squared error over the elements where ``finite`` is True (0 when there is none). Other elements are
     replaced by zeros before any arithmetic, so their gradient is exactly zero, not NaN."""
     zero = prediction.new_zeros(())
     error = torch.where(finite, prediction, zero) - torch.where(finite, target, zero)
     return error.pow(2).sum() / finite.sum().clamp(min=1)
+
+
+class _CommitmentAndQuantizationLoss(torch.autograd.Function):
+    """``wc MSE(sg(x), committed) + wq MSE(sg(committed), x)`` over the elements whose error is finite, in one pass.
+
+    ``committed`` has the output's values, so both terms share the error ``e = committed - x``: the forward is
+    ``(wc + wq) sum(e^2) / m`` and the gradients are ``2 wc e / m`` for ``committed`` and ``-2 wq e / m`` for
+    ``x``, with ``m`` the number of finite errors (at least 1). An element whose error is NaN or infinite (a
+    non-finite input or code) is left out of both terms and gets exactly zero gradient.
+
+    Shape:
+        - committed, x: ``(*)``, the same shape
+        - output: ``()`` float32
+    """
+
+    @staticmethod
+    def forward(ctx, committed: Tensor, x: Tensor, commitment_weight: float, quantization_weight: float) -> Tensor:
+        if committed.stride() != x.stride():
+            # channel-first codes are a view of token-major memory: compute in that layout, so the gradients
+            # reach the projection's token-major matrix products without a transposition
+            x = torch.empty_like(committed, dtype=x.dtype).copy_(x)
+        error = committed.float() - x.float()
+        finite = error.abs() < math.inf  # False for NaN and +-Inf
+        error = torch.where(finite, error, 0.0)
+        count = finite.sum().clamp(min=1)
+        ctx.save_for_backward(error, count)
+        ctx.weights = (commitment_weight, quantization_weight)
+        ctx.dtypes = (committed.dtype, x.dtype)
+        flat = error.flatten()
+        return (commitment_weight + quantization_weight) * torch.dot(flat, flat) / count
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        error, count = ctx.saved_tensors
+        commitment_weight, quantization_weight = ctx.weights
+        scaled = error * (2 * grad / count)
+        grad_committed = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_committed = (scaled * commitment_weight).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_x = (scaled * -quantization_weight).to(ctx.dtypes[1])
+        return grad_committed, grad_x, None, None
 
 
 def _straight_through(latents: Tensor, codes: Tensor) -> Tensor:
