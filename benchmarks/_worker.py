@@ -11,8 +11,9 @@ Phases:
         iteration alone. Freed heap memory is first handed back to the OS (``malloc_trim``) so reused
         allocator slack does not hide the iteration's demand.
         CUDA: ``max_memory_allocated() - memory_allocated()`` around the iteration.
-    ``timing``: build, warm up, then ``repeats`` timed iterations: wall time (``time.perf_counter``, CUDA
-        synchronised) and the CPU time of the whole process (``time.process_time``, every thread).
+    ``timing``: build, warm up, then ``repeats`` timed iterations (more until they add up to ``min_time``
+        seconds): wall time (``time.perf_counter``, CUDA synchronised) and the CPU time of the whole process
+        (``time.process_time``, every thread).
 
 The result line is prefixed with ``BENCHMARK_RESULT`` so it can be found among anything the library prints.
 """
@@ -151,7 +152,7 @@ def measure_memory(step, device) -> dict:
     return {"peak_mb": max(peak, 0) / 1024, "memory_method": method}
 
 
-def measure_time(step, device, repeats: int) -> dict:
+def measure_time(step, device, repeats: int, min_seconds: float = 0.0) -> dict:
     import torch
 
     def synchronize():
@@ -159,7 +160,7 @@ def measure_time(step, device, repeats: int) -> dict:
             torch.cuda.synchronize(device)
 
     times, cpu_times = [], []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
@@ -201,7 +202,7 @@ def run(args) -> dict:
     if args.phase == "memory":
         result.update(measure_memory(step, device))
     else:
-        result.update(measure_time(step, device, args.repeats))
+        result.update(measure_time(step, device, args.repeats, args.min_time))
     return result
 
 
@@ -213,6 +214,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=0.0, help="keep timing until this many seconds")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repo-root", default=None, help="check where the package was imported from")
     parser.add_argument("--expect-repo", action="store_true", help="the package must come from --repo-root")

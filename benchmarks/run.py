@@ -56,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per round (7; quick: 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument(
+        "--min-time", type=float, default=0.0, help="per round, time more iterations until they add up to this (s)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds, alternating ours and reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument(
@@ -84,6 +87,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.min_time < 0:
+        parser.error(f"--min-time must be >= 0, got {args.min_time}")
     return args
 
 
@@ -122,6 +127,7 @@ def worker_env(side: Side) -> dict:
 def run_worker(side: Side, workload: str, phase: str, args, cwd: str) -> dict:
     command = [side.python, str(WORKER), "--workload", workload, "--phase", phase, "--device", args.device]
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--repo-root", str(REPO_ROOT)]
+    command += ["--min-time", str(args.min_time)]
     command += ["--quick"] * args.quick + ["--expect-repo"] * side.on_repo_path
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -305,6 +311,7 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "min_time": args.min_time,
             "rounds": args.rounds,
             "threads": args.threads,
             "clock": args.clock,
