@@ -487,8 +487,10 @@ class VectorQuantize(nn.Module):
         self._prepare_codebook(flat.detach(), valid, updates_state)
 
         codes = self.effective_codes()
-        if updates_state and not self.learnable_codebook:
-            codes = codes.clone()  # the EMA step below rewrites the buffer; losses use this step's codes
+        if updates_state and not self.learnable_codebook and (self.straight_through or indices is not None):
+            # the EMA step below rewrites the buffer; the Gumbel estimator and the cross-entropy path use this
+            # step's codes after it (everything else uses the codes gathered before it)
+            codes = codes.clone()
         if forced_indices is None:
             code_indices, logits = self._select_codes(flat, codes, temperature, topk)
         else:

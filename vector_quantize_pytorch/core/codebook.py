@@ -343,17 +343,17 @@ class Codebook(nn.Module):
             self.accum_embed_sum.add_(sums)
             return counts.sum(dim=-1, keepdim=True) > 0
 
-        counts = counts + self.accum_cluster_size
-        sums = sums + self.accum_embed_sum
+        counts = counts.add_(self.accum_cluster_size)
+        sums = sums.add_(self.accum_embed_sum)
         self.accum_cluster_size.zero_()
         self.accum_embed_sum.zero_()
 
         has_rows = counts.sum(dim=-1, keepdim=True) > 0
-        rate = (1.0 - self.decay) * self._ema_weight(weight, sums, counts)
-        self.cluster_size.copy_(torch.where(has_rows, torch.lerp(self.cluster_size, counts, rate), self.cluster_size))
-        rate_d = rate.unsqueeze(-1) if isinstance(rate, Tensor) else rate
-        new_avg = torch.lerp(self.embed_avg, sums, rate_d)
-        self.embed_avg.copy_(torch.where(has_rows.unsqueeze(-1), new_avg, self.embed_avg))
+        # in place, without (c, K, d) temporaries: a batch without rows gets rate 0, and lerp(a, b, 0) = a
+        # exactly (b, the masked sums, is finite), so the statistics keep their values without a host sync
+        rate = (1.0 - self.decay) * self._ema_weight(weight, sums, counts) * has_rows.to(counts.dtype)
+        self.cluster_size.lerp_(counts, rate)
+        self.embed_avg.lerp_(sums, rate.unsqueeze(-1))
         return has_rows
 
     # ----------------------------------------------------------------- dead codes
@@ -429,5 +429,7 @@ class Codebook(nn.Module):
         if ema_update and not self.manual_ema_update:
             target = self._ema_codes()
             new_codes = self.embed + (target - target_before) if moves_by_delta else target
-            self.embed.copy_(torch.where(has_rows.unsqueeze(-1), new_codes, self.embed))
+            # lerp with weight 1 is exactly new_codes and with weight 0 exactly the old codes: an in-place
+            # torch.where(has_rows, new_codes, embed) without another (c, K, d) temporary
+            self.embed.lerp_(new_codes, has_rows.unsqueeze(-1).to(new_codes.dtype))
         self.expire_codes_(flat, valid)

@@ -41,9 +41,18 @@ def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int = MAX_CHUNK_SCO
     return token_chunk, code_chunk
 
 
+# Codes squared at once by :func:`squared_norms` (float32: 4 MiB), so that its temporary stays flat in K.
+NORM_CHUNK_VALUES = 2**20
+
+
 def squared_norms(codes: Tensor) -> Tensor:
-    """``(c, K, d)`` -> ``(c, K)`` squared l2 norms."""
-    return codes.pow(2).sum(-1)
+    """``(c, K, d)`` -> ``(c, K)`` squared l2 norms, squaring at most ``NORM_CHUNK_VALUES`` values at a time
+    (each row is reduced exactly as in one call, so the result does not depend on the chunking)."""
+    c, num_codes, d = codes.shape
+    chunk = max(1, NORM_CHUNK_VALUES // max(1, c * d))
+    if chunk >= num_codes:
+        return codes.pow(2).sum(-1)
+    return torch.cat([part.pow(2).sum(-1) for part in codes.split(chunk, dim=1)], dim=1)
 
 
 def _scores_into(buffer: Tensor, x: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
