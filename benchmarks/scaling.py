@@ -19,6 +19,7 @@ Usage (from the repository root)::
 
     python benchmarks/scaling.py --reference-python ~/ref-venv/bin/python
     python benchmarks/scaling.py --no-reference --max-log2-codes 12        # quick look, ours only
+    python benchmarks/scaling.py --reference-from benchmarks/results/scaling.json  # remeasure ours only
 """
 
 from __future__ import annotations
@@ -195,6 +196,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-log2-codes", type=int, default=18)
     parser.add_argument("--min-log2-tokens", type=int, default=10)
     parser.add_argument("--max-log2-tokens", type=int, default=16)
+    parser.add_argument(
+        "--reference-from",
+        type=Path,
+        default=None,
+        help="reuse the reference's points from an earlier JSON output instead of measuring them again",
+    )
     parser.add_argument("--ref-max-mb", type=float, default=8192, help="reference: stop before points above this")
     parser.add_argument("--ref-max-seconds", type=float, default=10, help="reference: stop before slower points")
     parser.add_argument("--warmup", type=int, default=1)
@@ -231,6 +238,9 @@ def main(argv=None) -> int:
         "tokens": [2**i for i in range(args.min_log2_tokens, args.max_log2_tokens + 1)],
     }
     results = {}
+    if args.reference_from is not None:
+        results["reference"] = json.loads(args.reference_from.read_text())["results"]["reference"]
+        sides = [side for side in sides if side["ours"]]
     with tempfile.TemporaryDirectory(prefix="vq-scaling-") as cwd:
         for side in sides:
             results[side["label"]] = {
