@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vector_quantize_pytorch.core import entropy as entropy_module
 from vector_quantize_pytorch.core.entropy import (
+    CodeChunking,
     bernoulli_entropy,
     bit_groups,
     bit_product_table,
@@ -126,7 +128,7 @@ def test_chunked_computation_equals_single_chunk(monkeypatch):
     weights = weights / weights.sum()
     single = code_entropy(logits, weights)
     (grad_single,) = torch.autograd.grad(single.sum(), logits)
-    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * 8 * 5)  # 5 tokens per chunk
+    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * (8 + 8) * 5)  # 5 tokens per chunk
     chunked = code_entropy(logits, weights)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(chunked, single, rtol=1e-12, atol=0)
@@ -134,7 +136,7 @@ def test_chunked_computation_equals_single_chunk(monkeypatch):
 
 
 def test_gradients_match_finite_differences(monkeypatch):
-    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * 4 * 3)  # also exercise the chunked backward
+    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * (4 + 8) * 3)  # also exercise the chunked backward
     logits = random_logits(7, 2, 5, scale=1.0, seed=8).requires_grad_()
     weights = torch.rand(7, dtype=torch.float64)
     weights = weights / weights.sum()
@@ -183,10 +185,193 @@ def test_reduce_mean_hook_sees_each_mean_distribution():
 
     def uniform(dist):
         seen.append(tuple(dist.shape))
-        return torch.full_like(dist, 1 / dist.shape[-1])
+        return torch.full_like(dist, 1 / max(dist.shape[-1], 1))
 
     assert seen == [] and code_entropy(logits, reduce_mean=uniform, max_exact_bits=4, group_bits=4).shape == (2,)
-    assert seen == [(2, 2**3), (2, 2**4), (2, 2**3)]
+    assert seen == [(2, 0), (2, 2**3), (2, 2**4), (2, 2**3)]  # first an empty probe
     torch.testing.assert_close(
         code_entropy(logits, reduce_mean=uniform), torch.full((2,), 10 * math.log(2), dtype=torch.float64)
     )
+
+
+# ---------------------------------------------------------------- the exact entropy streamed over chunks of codes
+
+
+def force_small_chunks(monkeypatch, code_chunk, table):
+    monkeypatch.setattr(entropy_module, "CODE_CHUNK_BUDGET", code_chunk)
+    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", table)
+
+
+def weighted_enumeration(logits, weights):
+    return (brute_force_code_probs(logits) * weights[:, None, None]).sum(dim=0)
+
+
+def random_weights(num_tokens, seed):
+    weights = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return weights / weights.sum()
+
+
+def test_chunking_plan_respects_the_budgets_and_covers_every_code():
+    for num_codebooks, num_bits in [(1, 1), (1, 10), (1, 18), (1, 24), (2, 24), (3, 19), (8, 32)]:
+        chunking = CodeChunking.plan(num_codebooks, num_bits)
+        assert chunking.low_bits + chunking.mid_bits + chunking.top_bits == num_bits
+        assert min(chunking) >= 0 and chunking.token_chunk >= 1
+        assert num_codebooks * 2 ** (chunking.low_bits + chunking.mid_bits) <= entropy_module.CODE_CHUNK_BUDGET
+    chunks_of_24_bits = CodeChunking.plan(1, 24)
+    assert chunks_of_24_bits[:3] == (9, 9, 6)  # 64 chunks of 2^18 codes
+    assert chunks_of_24_bits.token_chunk == entropy_module.TABLE_BUDGET // (2 * 2**9)
+
+
+def test_streamed_value_and_gradient_equal_the_unchunked_ones(monkeypatch):
+    logits = random_logits(13, 2, 9, seed=20).requires_grad_()
+    weights = random_weights(13, seed=20)
+    assert CodeChunking.plan(2, 9).num_chunks == 1  # default budgets: one chunk, one token chunk
+    single = code_entropy(logits, weights)
+    (grad_single,) = torch.autograd.grad(single.sum(), logits)
+
+    force_small_chunks(monkeypatch, code_chunk=2 * 16, table=2 * (4 + 4) * 3)
+    chunking = CodeChunking.plan(2, 9)
+    assert chunking.num_chunks == 32 and chunking.token_chunk == 3  # 32 code chunks x 5 token chunks
+    streamed = code_entropy(logits, weights)
+    (grad_streamed,) = torch.autograd.grad(streamed.sum(), logits)
+    torch.testing.assert_close(streamed, single, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_streamed, grad_single, rtol=1e-10, atol=1e-14)
+    expected = brute_force_entropy(weighted_enumeration(logits, weights))
+    torch.testing.assert_close(streamed, expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("num_bits", [3, 7])
+def test_streamed_mean_distribution_lists_codes_in_index_order(monkeypatch, num_bits):
+    force_small_chunks(monkeypatch, code_chunk=4, table=6)
+    logits = random_logits(7, 1, num_bits, seed=21)
+    weights = random_weights(7, seed=21)
+    assert CodeChunking.plan(1, num_bits).num_chunks == 2 ** (num_bits - 2)
+    dist = mean_code_distribution(logits, weights)
+    torch.testing.assert_close(dist, weighted_enumeration(logits, weights), rtol=1e-10, atol=1e-15)
+
+
+def test_streamed_gradients_pass_gradcheck_and_equal_autograd_of_the_enumeration(monkeypatch):
+    # 8 code chunks of 4 codes (1 low, 1 mid, 3 top bits) and token chunks of 2: every path of the backward
+    force_small_chunks(monkeypatch, code_chunk=2 * 4, table=2 * (2 + 2) * 2)
+    logits = random_logits(5, 2, 5, scale=1.0, seed=22).requires_grad_()
+    weights = random_weights(5, seed=22)
+    assert CodeChunking.plan(2, 5) == (1, 1, 3, 2)
+    assert torch.autograd.gradcheck(lambda t: code_entropy(t, weights), (logits,))
+    copy = lambda dist: dist * 1.0  # noqa: E731  a hook: the backward recomputes every chunk
+    assert torch.autograd.gradcheck(lambda t: code_entropy(t, weights, reduce_mean=copy), (logits,))
+    assert torch.autograd.gradcheck(lambda t: mean_code_distribution(t, weights), (logits,))
+    (ours,) = torch.autograd.grad(code_entropy(logits, weights).sum(), logits)
+    expected_entropy = brute_force_entropy(weighted_enumeration(logits, weights)).sum()
+    (expected,) = torch.autograd.grad(expected_entropy, logits)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_streamed_float32_equals_float64_enumeration(monkeypatch):
+    force_small_chunks(monkeypatch, code_chunk=64, table=64)
+    logits = random_logits(40, 1, 12, seed=23, dtype=torch.float32)
+    expected = brute_force_entropy(brute_force_code_probs(logits).mean(dim=0))
+    torch.testing.assert_close(code_entropy(logits).double(), expected, rtol=1e-5, atol=0)
+
+
+def test_streamed_entropy_with_mask_and_all_masked(monkeypatch):
+    force_small_chunks(monkeypatch, code_chunk=8, table=16)
+    logits = random_logits(9, 1, 6, seed=24)
+    mask = torch.tensor([True, False, True, True, False, True, True, False, True])
+    garbage = logits.clone().requires_grad_()
+    with torch.no_grad():
+        garbage[~mask] = 1e4
+    weights = token_weights(mask, 9, dtype=torch.float64, device="cpu")
+    expected = brute_force_entropy(brute_force_code_probs(logits[mask]).mean(dim=0))
+    value = code_entropy(garbage, weights)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    (grad,) = torch.autograd.grad(value.sum(), garbage)
+    assert (grad[~mask] == 0).all() and torch.isfinite(grad).all()
+
+    nobody = token_weights(torch.zeros(9, dtype=torch.bool), 9, dtype=torch.float64, device="cpu")
+    logits.requires_grad_()
+    value = code_entropy(logits, nobody)
+    (grad,) = torch.autograd.grad(value.sum(), logits)
+    assert value.item() == 0.0 and (grad == 0).all()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("hook", [None, lambda dist: dist * 1.0])
+def test_streamed_forward_and_backward_never_hold_the_whole_distribution(monkeypatch, hook):
+    force_small_chunks(monkeypatch, code_chunk=64, table=64)
+    num_bits = 12  # 4096 codes, 64 chunks of 64
+    logits = random_logits(16, 1, num_bits, seed=25).requires_grad_()
+    with LargestTensor() as largest:
+        value = code_entropy(logits, reduce_mean=hook)
+        value.sum().backward()
+    assert largest.largest <= max(64, logits.numel()) < 2**num_bits
+    expected = brute_force_entropy(brute_force_code_probs(logits.detach()).mean(dim=0))
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-10, atol=0)
+
+
+def test_reduce_mean_hook_gets_every_chunk_and_its_gradient_is_used(monkeypatch):
+    force_small_chunks(monkeypatch, code_chunk=2 * 8, table=2 * (4 + 2) * 2)
+    logits = random_logits(6, 2, 7, seed=26).requires_grad_()
+    plain = code_entropy(logits)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), logits)
+    calls = []
+
+    def half_gradient(dist):  # the same values, half the gradient: shows the backward goes through the hook
+        calls.append(tuple(dist.shape))
+        return 0.5 * dist + 0.5 * dist.detach()
+
+    hooked = code_entropy(logits, reduce_mean=half_gradient)
+    assert calls == [(2, 0)] + [(2, 8)] * 16  # an empty probe, then 16 chunks of 8 codes: all 2^7 codes
+    (grad_hooked,) = torch.autograd.grad(hooked.sum(), logits)
+    assert calls[17:] == [(2, 8)] * 16  # called again on each chunk by the backward
+    torch.testing.assert_close(hooked, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_hooked, 0.5 * grad_plain, rtol=1e-10, atol=1e-14)
+
+
+def test_module_constants_are_read_when_called(monkeypatch):
+    logits = random_logits(12, 1, 8, seed=27)
+    logits[:, :, 1] = logits[:, :, 0] * 1.5  # correlated bits: the bound differs from the exact value
+    exact = code_entropy(logits)
+    bound = code_entropy(logits, max_exact_bits=0, group_bits=4)
+    assert (bound > exact + 1e-6).all()
+    monkeypatch.setattr(entropy_module, "EXACT_CODE_ENTROPY_MAX_BITS", 7)
+    monkeypatch.setattr(entropy_module, "BOUND_GROUP_MAX_BITS", 4)
+    torch.testing.assert_close(code_entropy(logits), bound, rtol=1e-12, atol=0)
+
+
+def test_a_hook_that_returns_its_argument_is_probed_once_and_dropped(monkeypatch):
+    force_small_chunks(monkeypatch, code_chunk=2 * 8, table=2 * (4 + 2) * 2)
+    logits = random_logits(6, 2, 7, seed=28).requires_grad_()
+    calls = []
+
+    def single_process_mean(dist):
+        calls.append(tuple(dist.shape))
+        return dist
+
+    value = code_entropy(logits, reduce_mean=single_process_mean)
+    (grad,) = torch.autograd.grad(value.sum(), logits)
+    assert calls == [(2, 0)]
+    expected = brute_force_entropy(brute_force_code_probs(logits).mean(dim=0))
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+def test_no_gradient_is_formed_without_autograd():
+    logits = random_logits(6, 1, 6, seed=29).requires_grad_()
+    with torch.no_grad():
+        assert not code_entropy(logits).requires_grad
+    assert code_entropy(logits).requires_grad and not code_entropy(logits.detach()).requires_grad
