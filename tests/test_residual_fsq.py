@@ -249,6 +249,18 @@ def test_per_sample_dropout_draws_a_cutoff_per_sample():
     assert torch.equal(rfsq.get_output_from_indices(indices), quantized)
 
 
+def test_grouped_draws_a_dropout_seed_only_when_layers_drop():
+    grfsq = GroupedResidualFSQ(dim=8, groups=2, levels=LEVELS, num_quantizers=3, quantize_dropout=True).train()
+    x = torch.randn(2, 5, 8)
+    state = torch.get_rng_state()
+    with torch.no_grad():  # ResidualFSQ drops layers only while autograd records, as the reference
+        grfsq(x)
+    grfsq.eval()(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    grfsq.train()(x)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
 # ---------------------------------------------------------------- gradients
 
 

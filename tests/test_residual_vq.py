@@ -1,5 +1,6 @@
-"""ResidualVQ and GroupedResidualVQ: the seed examples, decoding round trips for every option, quantize dropout,
-beam search, gradients, the cross-entropy path, masks, the shared codebook and argument validation."""
+"""ResidualVQ and GroupedResidualVQ: the seed examples, decoding round trips for every option, quantize dropout
+(with torch.compile for every residual family, which share one loop), beam search, gradients, the cross-entropy
+path, masks, the shared codebook and argument validation."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vector_quantize_pytorch import GroupedResidualVQ, ResidualVQ
+from vector_quantize_pytorch import GroupedResidualVQ, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ
 
 
 def buffers(module):
@@ -312,6 +313,96 @@ def test_grouped_groups_share_the_dropout_cutoff():
         assert dropped_any
 
 
+def test_dropout_cutoffs_are_uniform_over_the_allowed_layers():
+    rvq = ResidualVQ(dim=4, num_quantizers=6, codebook_size=4, quantize_dropout=True, quantize_dropout_cutoff_index=1)
+    cutoffs = torch.stack([rvq._dropout_plan(1, "cpu", seed) for seed in range(1000)])
+    assert cutoffs.shape == (1000,) and cutoffs.dtype == torch.int64
+    counts = torch.bincount(cutoffs, minlength=6)
+    assert counts[0] == 0 and (counts[1:] > 150).all()  # 200 expected for each of the five allowed cutoffs
+
+
+def test_per_sample_cutoffs_depend_on_the_position_only_and_take_one_random_number():
+    """What keeps distributed ranks equal to one process on the concatenated batch: a sample's cutoff does not
+    depend on the batch size (a rank's samples continue the positions of the ranks before it), and a draw
+    takes one number from the default generator whatever the batch size (ranks stay in step)."""
+    rvq = ResidualVQ(dim=4, num_quantizers=8, codebook_size=4, quantize_dropout=True, quantize_dropout_per_sample=True)
+    long, short = rvq._dropout_plan(16, "cpu", 5), rvq._dropout_plan(3, "cpu", 5)
+    assert torch.equal(long[:3], short) and len(set(long.tolist())) > 1
+    next_numbers = []
+    for batch in (1, 3, 17):
+        torch.manual_seed(0)
+        cutoffs = rvq._dropout_plan(batch, "cpu", None)
+        next_numbers.append(torch.rand(()))
+        torch.manual_seed(0)
+        assert torch.equal(cutoffs, rvq._dropout_plan(batch, "cpu", None))  # unseeded: the generator decides
+    assert next_numbers[0] == next_numbers[1] == next_numbers[2]
+
+
+def test_batch_dropout_leaves_the_dropped_layers_untouched():
+    """Every layer runs (the cutoff is never read on the host), but a dropped layer sees only masked tokens:
+    no k-means, no EMA step, no dead-code replacement, zero loss, as when the reference skips it."""
+    torch.manual_seed(0)
+    state_updates = dict(kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=1.0)
+    rvq = ResidualVQ(dim=6, num_quantizers=5, codebook_size=8, quantize_dropout=True, **state_updates)
+    seed = next(s for s in range(100) if int(rvq._dropout_plan(1, "cpu", s)) == 1)  # keeps two layers
+    before = copy.deepcopy(rvq)
+    _, indices, losses = rvq(torch.randn(3, 10, 6), rand_quantize_dropout_fixed_seed=seed)
+    assert (indices[..., :2] >= 0).all() and (indices[..., 2:] == -1).all()
+    assert (losses[:2] > 0).all() and (losses[2:] == 0).all()
+    for l, (layer, old) in enumerate(zip(rvq.layers, before.layers)):
+        unchanged = all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), old.state_dict().values()))
+        assert unchanged == (l >= 2), l
+    assert [bool(layer._codebook.initted) for layer in rvq.layers] == [True, True, False, False, False]
+
+
+DROPPING_STACKS = {
+    "ResidualVQ": lambda **kw: ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, threshold_ema_dead_code=1.0, **kw),
+    "ResidualFSQ": lambda **kw: ResidualFSQ(levels=[5, 4, 3], num_quantizers=4, dim=8, **kw),
+    "ResidualLFQ": lambda **kw: ResidualLFQ(dim=8, codebook_size=16, num_quantizers=4, entropy_loss_weight=0.1, **kw),
+    "ResidualSimVQ": lambda **kw: ResidualSimVQ(dim=8, codebook_size=16, num_quantizers=4, **kw),
+}
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("family", DROPPING_STACKS)
+def test_compiled_training_step_with_dropout_equals_eager(family, per_sample):
+    """Every residual family (one shared loop): the cutoff stays a tensor, so torch.compile(fullgraph=True)
+    captures the whole training step (a graph break or a host read would raise) and gives eager's outputs,
+    gradients and state updates for the same seed."""
+    torch.manual_seed(0)
+    eager = DROPPING_STACKS[family](quantize_dropout=True, quantize_dropout_per_sample=per_sample).train()
+    module = copy.deepcopy(eager)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 10, 8)
+    dropped = []
+    for step in range(3):
+        results = []
+        for model in (eager, compiled):
+            torch.manual_seed(step)
+            inputs = x.clone().requires_grad_()
+            outputs = model(inputs)
+            sum(t.square().mean() for t in outputs if t.is_floating_point()).backward()
+            results.append((*outputs, inputs.grad))
+        for actual, expected in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+        dropped.append(bool((results[1][1] == -1).any()))
+    assert any(dropped)
+    assert_same_state(module, eager, exact=False)
+    grads = [(a.grad, b.grad) for a, b in zip(module.parameters(), eager.parameters()) if b.grad is not None]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in grads)
+
+
+def test_grouped_forward_draws_a_seed_only_when_it_drops_layers():
+    x = torch.randn(2, 3, 8)
+    plain = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4)
+    dropping = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4, quantize_dropout=True)
+    state = torch.get_rng_state()
+    plain(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    dropping(x)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
 # ---------------------------------------------------------------- beam search
 
 
@@ -404,6 +495,28 @@ def test_training_beam_with_dropout_stops_at_the_cutoff():
     x = torch.randn(2, 10, 8)
     kept = {int(kept_layers(rvq(x, rand_quantize_dropout_fixed_seed=s)[1]).max()) for s in range(12)}
     assert kept == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("beam_score", ["final", "sum"])
+def test_training_beam_with_dropout_equals_a_beam_through_the_kept_layers(beam_score):
+    """The beam runs through every layer, and each token takes the best path at its last kept layer: the path a
+    beam over the kept layers alone finds."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, beam_size=4, beam_score=beam_score)
+    rvq._init_dropout(True, 0, 1, num_quantizers=4)
+    x = torch.randn(2, 40, 8)
+    kept = set()
+    for seed in range(8):
+        k = int(rvq._dropout_plan(1, "cpu", seed)) + 1
+        kept.add(k)
+        _, indices, _ = rvq(x, rand_quantize_dropout_fixed_seed=seed, freeze_codebook=True)
+        shorter = ResidualVQ(dim=8, num_quantizers=k, codebook_size=16, eval_beam_size=4, beam_score=beam_score)
+        shorter.layers.load_state_dict(rvq.layers[:k].state_dict())
+        assert torch.equal(indices[..., :k], shorter.eval()(x)[1]), k
+        assert (indices[..., k:] == -1).all()
+        if k == 4:
+            assert (indices != rvq(x, beam_size=1, freeze_codebook=True)[1]).any()  # the beam is not greedy
+    assert len(kept) > 2
 
 
 def test_training_beam_waits_for_kmeans_init():

@@ -7,42 +7,9 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from .core.layout import TokenLayout
-from .core.residual import GroupedStacks, ResidualStack
+from .core.residual import GroupedStacks, ResidualStack, check_layer_kwargs
 from .core.validate import check_bool, check_input, check_int, check_int_sequence
 from .finite_scalar_quantization import FSQ
-
-
-def check_dropout_args(num_quantizers, quantize_dropout, cutoff_index, multiple_of, per_sample) -> None:
-    """Types and ranges of the quantize dropout arguments of a residual stack (before any state is built)."""
-    check_bool("quantize_dropout", quantize_dropout)
-    check_int("quantize_dropout_cutoff_index", cutoff_index, minimum=0, maximum=num_quantizers - 1)
-    check_int("quantize_dropout_multiple_of", multiple_of, minimum=1)
-    check_bool("quantize_dropout_per_sample", per_sample)
-
-
-# layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
-# tokens and stacks ``(b, n)`` indices), with the values that leave them alone
-LAYER_ARGUMENTS_FIXED_BY_THE_STACK = {
-    "num_codebooks": (1,),
-    "keep_num_codebooks_dim": (None, False),
-    "channel_first": (None, False),
-    "has_projections": (None, False),
-    "return_indices": (True,),
-}
-
-
-def check_layer_kwargs(layer_kwargs: dict) -> None:
-    """Reject per-layer arguments a residual stack cannot honour (the reference asserts on some, breaks on others)."""
-    for name, allowed in LAYER_ARGUMENTS_FIXED_BY_THE_STACK.items():
-        if name in layer_kwargs and not any(
-            layer_kwargs[name] is value or layer_kwargs[name] == value for value in allowed
-        ):
-            raise ValueError(
-                f"{name}={layer_kwargs[name]!r} is not supported for the layers of a residual stack (allowed: "
-                f"{', '.join(map(repr, allowed))}); split features with the Grouped* class, and use the stack's own "
-                "dim / is_channel_first for projections and layouts"
-            )
 
 
 def _check_soft_clamp(value, codebook_dim: int) -> Tensor:
@@ -93,6 +60,8 @@ class ResidualFSQ(ResidualStack):
         torch.Size([1, 1024, 8])
     """
 
+    dropout_needs_grad = True  # as the reference: no dropout under torch.no_grad()
+
     def __init__(
         self,
         *,
@@ -114,13 +83,8 @@ class ResidualFSQ(ResidualStack):
         codebook_dim = len(levels)
         dim = codebook_dim if dim is None else check_int("dim", dim, minimum=1)
         self.is_channel_first = check_bool("is_channel_first", is_channel_first)
-        check_dropout_args(
-            num_quantizers,
-            quantize_dropout,
-            quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of,
-            quantize_dropout_per_sample,
-        )
+        self._init_dropout(quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+                           quantize_dropout_per_sample, num_quantizers=num_quantizers)  # fmt: skip
         check_bool("bound_hard_clamp", bound_hard_clamp)
         check_layer_kwargs(kwargs)
         if bound_hard_clamp and soft_clamp_input_value is not None:
@@ -146,9 +110,6 @@ class ResidualFSQ(ResidualStack):
             for _ in range(num_quantizers)
         )
         self.codebook_size = self.layers[0].codebook_size
-        self._init_dropout(
-            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
-        )
         levels_t = torch.tensor(levels, dtype=torch.float32)
         self.register_buffer("scales", torch.stack([levels_t**-i for i in range(num_quantizers)]), persistent=False)
         if bound_hard_clamp:
@@ -169,36 +130,20 @@ class ResidualFSQ(ResidualStack):
         return self.layers[index].indices_to_codes(indices, project_out=False).float() * self.scales[index]
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
-        check_input("x", x, min_ndim=3)
-        layout = TokenLayout.of(x, channel_first=self.is_channel_first)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
+        layout, tokens, _ = self._input_tokens(x, self.is_channel_first)
         h = self.project_in(tokens)
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value.to(h.dtype)
             h = (h / clamp).tanh() * clamp
-
-        cutoffs = last_layer = None
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            cutoffs, last_layer = self._dropout_plan(h.shape[0], h.device, rand_quantize_dropout_fixed_seed)
         with torch.autocast(h.device.type, enabled=False):
-            quantized, indices, _, _ = self._residual_loop(h.float(), None, cutoffs, last_layer)
+            quantized, indices, _, _ = self._quantize_residuals(h.float(), None, rand_quantize_dropout_fixed_seed)
         out = layout.from_tokens(self.project_out(quantized.to(h.dtype)).to(x.dtype))
-        result = (out, layout.indices_from_tokens(indices))
-        if return_all_codes:
-            result = (*result, self.get_codes_from_indices(result[1]))
-        return result
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Scaled codes of every layer; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., codebook_dim)``."""
-        return self._all_layer_codes(indices)
+        return self._forward_result(out, layout, indices, return_all_codes=return_all_codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)`` (channel-first
         when ``is_channel_first``)."""
-        out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
-        return out.movedim(-1, 1) if self.is_channel_first else out
+        return self._decode_indices(indices, self.is_channel_first)
 
 
 class GroupedResidualFSQ(GroupedStacks):
@@ -211,12 +156,7 @@ class GroupedResidualFSQ(GroupedStacks):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        check_int("groups", groups, minimum=1)
-        if dim % groups:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups = dim, groups
-        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
+        self._init_groups(dim, groups, accept_image_fmap)
         if kwargs.setdefault("is_channel_first", accept_image_fmap) != accept_image_fmap:
             raise ValueError(
                 f"is_channel_first ({kwargs['is_channel_first']!r}) must equal accept_image_fmap "

@@ -7,11 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .core.layout import TokenLayout, check_mask
-from .core.residual import GroupedStacks, ResidualStack
-from .core.validate import check_bool, check_float, check_input, check_int
+from .core.residual import GroupedStacks, ResidualStack, check_layer_kwargs
+from .core.validate import check_float, check_input, check_int
 from .lookup_free_quantization import LFQ
-from .residual_fsq import check_dropout_args, check_layer_kwargs
 
 
 class ResidualLFQ(ResidualStack):
@@ -37,6 +35,8 @@ class ResidualLFQ(ResidualStack):
         (torch.Size([1, 1024, 8]), torch.Size([8]))
     """
 
+    dropout_needs_grad = True  # as the reference: no dropout under torch.no_grad()
+
     def __init__(
         self,
         *,
@@ -56,13 +56,8 @@ class ResidualLFQ(ResidualStack):
         check_int("codebook_size", codebook_size, minimum=2)
         if codebook_size & (codebook_size - 1):
             raise ValueError(f"codebook_size must be a power of 2, got {codebook_size}")
-        check_dropout_args(
-            num_quantizers,
-            quantize_dropout,
-            quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of,
-            quantize_dropout_per_sample,
-        )
+        self._init_dropout(quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+                           quantize_dropout_per_sample, num_quantizers=num_quantizers)  # fmt: skip
         check_layer_kwargs(lfq_kwargs)
         if soft_clamp_input_value is not None:
             check_float("soft_clamp_input_value", soft_clamp_input_value, minimum=0.0, min_exclusive=True)
@@ -87,9 +82,6 @@ class ResidualLFQ(ResidualStack):
                 soft_clamp_input_value *= 0.5
         self.layers = nn.ModuleList(layers)
         self.codebook_size = codebook_size
-        self._init_dropout(
-            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
-        )
 
     @property
     def codebooks(self) -> Tensor:
@@ -97,8 +89,7 @@ class ResidualLFQ(ResidualStack):
         return torch.stack([layer.codebook for layer in self.layers])
 
     def _quantize_layer(self, index, residual, mask, *, previous):
-        quantized, indices, loss = self.layers[index](residual, mask=mask)
-        return quantized, indices, loss
+        return self.layers[index](residual, mask=mask)
 
     def _layer_codes(self, index, indices, previous) -> Tensor:
         return self.layers[index].indices_to_codes(indices, project_out=False)
@@ -110,33 +101,16 @@ class ResidualLFQ(ResidualStack):
         return_all_codes: bool = False,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
-        check_input("x", x, min_ndim=3)
-        layout = TokenLayout.of(x, channel_first=x.ndim >= 4)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
-        if mask is not None:
-            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
+        layout, tokens, mask = self._input_tokens(x, None, mask)
         h = self.project_in(tokens)
-        cutoffs = last_layer = None
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            cutoffs, last_layer = self._dropout_plan(h.shape[0], h.device, rand_quantize_dropout_fixed_seed)
-        quantized, indices, losses, _ = self._residual_loop(h, mask, cutoffs, last_layer)
+        quantized, indices, losses, _ = self._quantize_residuals(h, mask, rand_quantize_dropout_fixed_seed)
         out = layout.from_tokens(self.project_out(quantized).to(x.dtype))
-        result = (out, layout.indices_from_tokens(indices), self._stack_losses(losses, h))
-        if return_all_codes:
-            result = (*result, self.get_codes_from_indices(result[1]))
-        return result
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codes of every layer; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., codebook_dim)``."""
-        return self._all_layer_codes(indices)
+        return self._forward_result(out, layout, indices, losses, return_all_codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode: ``(b, ..., q) -> (b, ..., dim)``
         (channel-first for image/video indices)."""
-        out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
-        return out.movedim(-1, 1) if indices.ndim >= 4 else out
+        return self._decode_indices(indices, indices.ndim >= 4)
 
 
 class GroupedResidualLFQ(GroupedStacks):
@@ -148,12 +122,7 @@ class GroupedResidualLFQ(GroupedStacks):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        check_int("groups", groups, minimum=1)
-        if dim % groups:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups = dim, groups
-        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
+        self._init_groups(dim, groups, accept_image_fmap)
         self.rvqs = nn.ModuleList(ResidualLFQ(dim=dim // groups, **kwargs) for _ in range(groups))
 
     def forward(

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core.layout import TokenLayout
 from .core.residual import ResidualStack
-from .core.validate import check_bool, check_input, check_int
-from .residual_fsq import check_dropout_args
+from .core.validate import check_bool, check_int
 from .sim_vq import SimVQ
 
 
@@ -61,19 +59,11 @@ class ResidualSimVQ(ResidualStack):
             raise ValueError(f"heads must be 1 for ResidualSimVQ, got {heads}")
         self.dim = dim
         self.channel_first = check_bool("channel_first", channel_first)
-        check_dropout_args(
-            num_quantizers,
-            quantize_dropout,
-            quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of,
-            quantize_dropout_per_sample,
-        )
+        self._init_dropout(quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+                           quantize_dropout_per_sample, num_quantizers=num_quantizers)  # fmt: skip
         self.layers = nn.ModuleList(
             SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick, **sim_vq_kwargs)
             for _ in range(num_quantizers)
-        )
-        self._init_dropout(
-            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
         )
 
     @property
@@ -96,19 +86,9 @@ class ResidualSimVQ(ResidualStack):
         return self.layers[index].indices_to_codes(indices)
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
-        check_input("x", x, min_ndim=3)
-        layout = TokenLayout.of(x, channel_first=self.channel_first)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
-        cutoffs = last_layer = None
-        if self.training and self.quantize_dropout:
-            cutoffs, last_layer = self._dropout_plan(tokens.shape[0], x.device, rand_quantize_dropout_fixed_seed)
-        quantized, indices, losses, _ = self._residual_loop(tokens, None, cutoffs, last_layer)
-        result = (layout.from_tokens(quantized), layout.indices_from_tokens(indices), self._stack_losses(losses, x))
-        if return_all_codes:
-            result = (*result, self.get_codes_from_indices(result[1]))
-        return result
+        layout, tokens, _ = self._input_tokens(x, self.channel_first)
+        quantized, indices, losses, _ = self._quantize_residuals(tokens, None, rand_quantize_dropout_fixed_seed)
+        return self._forward_result(layout.from_tokens(quantized), layout, indices, losses, return_all_codes)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Every layer's codes; index -1 gives zeros. ``(b, ..., q') -> (q, b, ..., dim)``

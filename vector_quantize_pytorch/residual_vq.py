@@ -10,11 +10,10 @@ from torch import Tensor, nn
 
 from .core import estimators
 from .core.codebook import valid_rows
-from .core.layout import TokenLayout, check_mask
+from .core.layout import TokenLayout
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
-from .residual_fsq import check_dropout_args
 from .vector_quantize_pytorch import VectorQuantize
 
 # Largest number of (path, code) scores of one beam-search chunk. A beam step holds several temporaries of
@@ -139,13 +138,8 @@ class ResidualVQ(ResidualStack):
                             accept_image_fmap), ("implicit_neural_codebook", implicit_neural_codebook)):  # fmt: skip
             check_bool(name, value)
         check_float("quant_grad_frac", quant_grad_frac, minimum=0.0, maximum=1.0)
-        check_dropout_args(
-            len(sizes),
-            quantize_dropout,
-            quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of,
-            quantize_dropout_per_sample,
-        )
+        self._init_dropout(quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+                           quantize_dropout_per_sample, num_quantizers=len(sizes))  # fmt: skip
         if mlp_kwargs is not None and not isinstance(mlp_kwargs, Mapping):
             raise TypeError(f"mlp_kwargs must be a dict of MLP arguments or None, got {mlp_kwargs!r}")
         self._check_beam(beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes))
@@ -196,9 +190,6 @@ class ResidualVQ(ResidualStack):
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
         self.vq_is_ema_updating = self.layers[0].ema_update
-        self._init_dropout(
-            quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of, quantize_dropout_per_sample
-        )
 
         mlp_kwargs = dict(mlp_kwargs or {})
         mlp_kwargs.setdefault("l2norm_output", self.layers[0].use_cosine_sim)
@@ -294,26 +285,32 @@ class ResidualVQ(ResidualStack):
     # ------------------------------------------------------------------ beam search
 
     @torch.no_grad()
-    def _beam_search(self, h: Tensor, beam: int, depth: int) -> Tensor:
-        """Indices ``(b, n, depth)`` through the first ``depth`` layers: the path with the lowest weighted sum of
-        per-layer squared errors, keeping ``beam`` candidates per token. Tokens are searched in chunks, so
+    def _beam_search(self, h: Tensor, beam: int, cutoffs: Tensor | None = None) -> Tensor:
+        """Indices ``(b, n, q)``: the path with the best beam score (``beam_score``), keeping ``beam`` candidates
+        per token. With quantize dropout ``cutoffs`` (``()`` or ``(b,)``), a token's path ends at its last kept
+        layer (later entries are 0): the beam's state at a layer does not depend on the layers after it, so
+        the best path at that layer is the one a beam stopping there finds. Tokens are searched in chunks, so
         memory is bounded in their number."""
         b, n, d = h.shape
         flat = h.reshape(-1, d).float()
-        layer_codes = [layer.effective_codes() for layer in self.layers[:depth]]
-        widest = max(self.codebook_sizes[:depth])
-        chunk = max(1, BEAM_CHUNK_SCORES // (beam * max(widest, beam * d)))
+        last_layer = self.num_quantizers - 1
+        stops = (torch.full((b,), last_layer, device=h.device) if cutoffs is None else cutoffs.expand(b)).long()
+        stops = stops.unsqueeze(-1).expand(b, n).reshape(-1)
+        layer_codes = [layer.effective_codes() for layer in self.layers]
+        chunk = max(1, BEAM_CHUNK_SCORES // (beam * max(max(self.codebook_sizes), beam * d)))
         with torch.autocast(h.device.type, enabled=False):  # distances in float32 under autocast too
             chunks = [
-                self._beam_search_chunk(flat[s : s + chunk], layer_codes, beam) for s in range(0, len(flat), chunk)
+                self._beam_search_chunk(flat[s : s + chunk], stops[s : s + chunk], layer_codes, beam)
+                for s in range(0, len(flat), chunk)
             ]
-        return torch.cat(chunks).reshape(b, n, depth)
+        return torch.cat(chunks).reshape(b, n, self.num_quantizers)
 
-    def _beam_search_chunk(self, x: Tensor, layer_codes: list[Tensor], beam: int) -> Tensor:
+    def _beam_search_chunk(self, x: Tensor, stops: Tensor, layer_codes: list[Tensor], beam: int) -> Tensor:
         t, d = x.shape
         residual = x.unsqueeze(1)  # (t, B, d), B = 1 at first
         scores = torch.zeros(t, 1, device=x.device)
         paths = torch.zeros(t, 1, 0, dtype=torch.long, device=x.device)
+        chosen = torch.zeros(t, len(layer_codes), dtype=torch.long, device=x.device)
         last = len(layer_codes) - 1
         for index, (layer, codes) in enumerate(zip(self.layers, layer_codes)):
             width = residual.shape[1]
@@ -331,14 +328,16 @@ class ResidualVQ(ResidualStack):
                 error = (r.unsqueeze(2) - q).pow(2).mean(-1).reshape(t, width * k)
                 total = scores.repeat_interleave(k, dim=1) - self.beam_score_weights[index] * error
             keep = 1 if index == last else min(beam, width * k)
-            scores, chosen = total.topk(keep, dim=-1)
-            parent = torch.div(chosen, k, rounding_mode="floor")
-            q = q.reshape(t, width * k, d).gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))
+            scores, best = total.topk(keep, dim=-1)  # sorted: path 0 is the best so far
+            parent = torch.div(best, k, rounding_mode="floor")
+            q = q.reshape(t, width * k, d).gather(1, best.unsqueeze(-1).expand(-1, -1, d))
             residual = residual.gather(1, parent.unsqueeze(-1).expand(-1, -1, d)) - q
-            picked = candidates.reshape(t, width * k).gather(1, chosen)
+            picked = candidates.reshape(t, width * k).gather(1, best)
             paths = torch.cat((paths.gather(1, parent.unsqueeze(-1).expand(-1, -1, paths.shape[-1])),
                                picked.unsqueeze(-1)), dim=-1)  # fmt: skip
-        return paths[:, 0]
+            stopping = (stops == index).unsqueeze(-1)
+            chosen[:, : index + 1] = torch.where(stopping, paths[:, 0], chosen[:, : index + 1])
+        return chosen
 
     # ------------------------------------------------------------------ forward
 
@@ -348,13 +347,7 @@ class ResidualVQ(ResidualStack):
         if x.ndim != expected:
             shape = "(b, dim, h, w)" if self.accept_image_fmap else "(b, n, dim)"
             raise ValueError(f"x must have shape {shape} with dim = {self.dim}, got {tuple(x.shape)}")
-        layout = TokenLayout.of(x, channel_first=self.accept_image_fmap)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
-        if mask is not None:
-            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
-        return layout, tokens, mask
+        return self._input_tokens(x, self.accept_image_fmap, mask)
 
     def forward(
         self,
@@ -371,23 +364,20 @@ class ResidualVQ(ResidualStack):
         if beam_size is not None:
             check_int("beam_size", beam_size, minimum=1)
         h = self.project_in(tokens).float()  # residuals in float32 whatever the input dtype; output cast back
-        b, n = h.shape[:2]
         layer_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
 
         if indices is not None:
             return self._cross_entropy_forward(h, indices, layout, tokens, mask, **layer_kwargs)
 
-        cutoffs = last_layer = None
-        if self.training and self.quantize_dropout:
-            cutoffs, last_layer = self._dropout_plan(b, h.device, rand_quantize_dropout_fixed_seed)
+        cutoffs = None
+        if self._dropout_active():
+            cutoffs = self._dropout_plan(h.shape[0], h.device, rand_quantize_dropout_fixed_seed)
         forced = None
         if self._uses_beam(beam_size, freeze_codebook):
-            # the beam ends at the last kept layer (with per-sample cutoffs, shorter samples keep a prefix)
-            depth = self.num_quantizers if last_layer is None else last_layer + 1
-            forced = self._beam_search(h, self._beam_width(beam_size), depth)
+            forced = self._beam_search(h, self._beam_width(beam_size), cutoffs)
 
         quantized, all_indices, losses, residuals = self._residual_loop(
-            h, mask, cutoffs, last_layer, self.quant_grad_frac, forced=forced, **layer_kwargs
+            h, mask, cutoffs, self.quant_grad_frac, forced=forced, **layer_kwargs
         )
         if self.training and self.shared_codebook and not freeze_codebook:
             self._maintain_shared_codebook(residuals)
@@ -395,10 +385,7 @@ class ResidualVQ(ResidualStack):
             quantized = estimators.directional_reparam(h, quantized)
 
         out = self._output(quantized, tokens, mask, layout)
-        result = (out, layout.indices_from_tokens(all_indices), self._stack_losses(losses, h))
-        if return_all_codes:
-            result = (*result, self.get_codes_from_indices(result[1]))
-        return result
+        return self._forward_result(out, layout, all_indices, losses, return_all_codes)
 
     def _beam_width(self, beam_size: int | None) -> int:
         beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
@@ -423,17 +410,25 @@ class ResidualVQ(ResidualStack):
     @torch.no_grad()
     def _maintain_shared_codebook(self, residuals: list[tuple[Tensor, Tensor | None]]) -> None:
         """Shared codebook: one EMA write and one dead-code pass per step, over every layer's valid inputs
-        (masked and dropped tokens never become codes)."""
+        (masked and dropped tokens never become codes).
+
+        The candidate rows are token-major (each token's layer inputs together, as the reference orders
+        them), so that the rows of every rank concatenated in rank order are the rows of the concatenated
+        batch, and dead codes are replaced as one process replaces them.
+        """
         first = self.layers[0]
         if self.vq_is_ema_updating:
             first._codebook.update_ema()
         first.update_in_place_optimizer()
-        flats, valids = [], []
-        for residual, mask in residuals:
-            flat = first._to_codebook_space(residual.detach())  # (1, b * n, d)
-            flats.append(flat)
-            valids.append(valid_rows(flat, None if mask is None else mask.reshape(1, -1)))
-        first._codebook.expire_codes_(torch.cat(flats, dim=1), torch.cat(valids, dim=1))
+        inputs = torch.stack([residual.detach() for residual, _ in residuals], dim=2)  # (b, n, q, d)
+        b, n, q, d = inputs.shape
+        flat = first._to_codebook_space(inputs.reshape(b, n * q, d))  # (1, b * n * q, d)
+        masks = [mask for _, mask in residuals]
+        mask = None
+        if any(m is not None for m in masks):
+            everywhere = torch.ones(b, n, dtype=torch.bool, device=inputs.device)
+            mask = torch.stack([everywhere if m is None else m for m in masks], dim=2).reshape(1, -1)
+        first._codebook.expire_codes_(flat, valid_rows(flat, mask))
 
     def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
         """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the
@@ -466,16 +461,6 @@ class ResidualVQ(ResidualStack):
 
     # ------------------------------------------------------------------ decoding
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Every layer's codes; index -1 (a dropped layer) gives a zero code; missing trailing layers count
-        as dropped.
-
-        Shape:
-            - indices: ``(b, ..., q')`` with ``q' <= q``
-            - output: ``(q, b, ..., codebook_dim)``
-        """
-        return self._all_layer_codes(indices)
-
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices in eval mode.
 
@@ -483,8 +468,7 @@ class ResidualVQ(ResidualStack):
             - indices: ``(b, n, q')`` (``(b, h, w, q')`` for image maps)
             - output: ``(b, n, dim)`` (``(b, dim, h, w)``)
         """
-        summed = self._sum_in_layer_order(self.get_codes_from_indices(indices))
-        out = self.project_out(summed)
+        out = self._decode_indices(indices, channel_first=False)
         if self.return_zeros_for_masked_padding:  # masked tokens (every index -1): zeros, not project_out's bias
             out = out.masked_fill((indices < 0).all(dim=-1, keepdim=True), 0.0)
         if self.accept_image_fmap:
@@ -510,13 +494,7 @@ class GroupedResidualVQ(GroupedStacks):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        check_int("groups", groups, minimum=1)
-        if dim % groups:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim = dim
-        self.groups = groups
-        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
+        self._init_groups(dim, groups, accept_image_fmap)
         self.rvqs = nn.ModuleList(
             ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs) for _ in range(groups)
         )

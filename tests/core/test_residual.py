@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from vector_quantize_pytorch.core import residual as residual_module
 from vector_quantize_pytorch.core.residual import ResidualStack, frac_gradient, round_up_cutoff
 
 
@@ -74,31 +75,29 @@ def test_dropout_plan_stays_in_range_and_covers_every_allowed_cutoff(num_layers,
     }
     seen = set()
     for seed in range(80):
-        cutoffs, largest = stack._dropout_plan(4, "cpu", seed)
-        assert cutoffs.shape == (4,) and cutoffs.dtype == torch.long
-        assert largest == int(cutoffs.max())
-        assert set(cutoffs.tolist()) <= allowed
-        for c in cutoffs.tolist():
+        cutoffs = stack._dropout_plan(4, "cpu", seed)
+        assert cutoffs.shape == ((4,) if per_sample else ()) and cutoffs.dtype == torch.long
+        values = cutoffs.reshape(-1).tolist()
+        assert set(values) <= allowed
+        for c in values:
             assert round_up_cutoff(c, multiple_of) == c or c == num_layers - 1
-        if not per_sample:
-            assert len(set(cutoffs.tolist())) == 1
-        seen |= set(cutoffs.tolist())
+        seen |= set(values)
     assert seen == allowed
 
 
 def test_dropout_plan_is_a_function_of_the_seed():
     stack = ToyStack(toy_books(8), per_sample=True)
-    first, _ = stack._dropout_plan(16, "cpu", 123)
+    first = stack._dropout_plan(16, "cpu", 123)
     torch.manual_seed(999)  # the global generator plays no part when a seed is given
-    again, _ = stack._dropout_plan(16, "cpu", 123)
+    again = stack._dropout_plan(16, "cpu", 123)
     assert torch.equal(first, again)
     assert len(set(first.tolist())) > 1  # per sample: the samples draw different cutoffs
-    others = [stack._dropout_plan(16, "cpu", seed)[0] for seed in range(5)]
+    others = [stack._dropout_plan(16, "cpu", seed) for seed in range(5)]
     assert any(not torch.equal(first, o) for o in others)
     torch.manual_seed(5)
-    unseeded, _ = stack._dropout_plan(16, "cpu", None)
+    unseeded = stack._dropout_plan(16, "cpu", None)
     torch.manual_seed(5)
-    assert torch.equal(unseeded, stack._dropout_plan(16, "cpu", None)[0])  # reproducible under torch.manual_seed
+    assert torch.equal(unseeded, stack._dropout_plan(16, "cpu", None))  # reproducible under torch.manual_seed
 
 
 def test_invalid_dropout_arguments_name_the_argument():
@@ -129,15 +128,19 @@ def test_loop_equals_greedy_residual_quantization_by_hand():
     assert torch.equal(residuals[0][0], x) and residuals[0][1] is None
 
 
-def test_batch_dropout_skips_the_later_layers():
+def test_batch_dropout_masks_the_later_layers():
+    """The dropped layers give zero codes, index -1 and zero loss, and their residuals come with an all-False
+    mask (so shared-codebook maintenance takes no row from them)."""
     books = toy_books(num_layers=4)
     stack = ToyStack(books)
     x = torch.randn(2, 5, 4)
-    quantized, indices, losses, residuals = stack._residual_loop(x, None, torch.full((2,), 1), last_layer=1)
+    quantized, indices, losses, residuals = stack._residual_loop(x, None, torch.tensor(1))
     full_q, full_i, *_ = ToyStack(books[:2])._residual_loop(x, None, None)
     assert torch.equal(indices[..., :2], full_i) and (indices[..., 2:] == -1).all()
     assert torch.equal(quantized, full_q)
-    assert losses[2] is None and losses[3] is None and len(residuals) == 2
+    assert losses[2] == 0 and losses[3] == 0 and len(residuals) == 4
+    assert [bool(mask.all()) for _, mask in residuals] == [True, True, False, False]
+    assert not residuals[2][1].any() and not residuals[3][1].any()
     stacked = stack._stack_losses(losses, x)
     assert stacked.shape == (4,) and (stacked[2:] == 0).all()
 
@@ -147,7 +150,7 @@ def test_per_sample_dropout_masks_each_sample_from_its_own_cutoff():
     stack = ToyStack(books, per_sample=True)
     x = torch.randn(3, 5, 4)
     cutoffs = torch.tensor([0, 3, 1])
-    quantized, indices, losses, residuals = stack._residual_loop(x, None, cutoffs, last_layer=3)
+    quantized, indices, losses, residuals = stack._residual_loop(x, None, cutoffs)
     for b, c in enumerate(cutoffs.tolist()):
         expected_q, expected_i = greedy_by_hand(books[: c + 1], x[b])
         assert torch.equal(indices[b, :, : c + 1], expected_i)
@@ -165,7 +168,7 @@ def test_user_mask_and_dropout_combine():
     stack = ToyStack(toy_books(num_layers=3), per_sample=True)
     x = torch.randn(2, 4, 4)
     mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
-    _, indices, _, residuals = stack._residual_loop(x, mask, torch.tensor([2, 0]), last_layer=2)
+    _, indices, _, residuals = stack._residual_loop(x, mask, torch.tensor([2, 0]))
     assert (indices[~mask] == -1).all()
     assert (indices[1, :, 1:] == -1).all()
     assert torch.equal(residuals[1][1], torch.stack([mask[0], torch.zeros(4, dtype=torch.bool)]))
@@ -217,3 +220,18 @@ def test_decoding_gives_zero_codes_for_dropped_and_missing_layers():
     assert (codes[1, 0, 0] == 0).all() and (codes[2:] == 0).all()
     with pytest.raises(ValueError, match="layers"):
         stack._codes_from_token_indices(torch.zeros(1, 2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cutoffs", [torch.tensor(1), torch.tensor([0, 3, 1])], ids=["per batch", "per sample"])
+def test_skipping_the_layers_every_sample_drops_equals_running_them_masked(cutoffs, monkeypatch):
+    """Eager CPU skips the layers after the largest cutoff; accelerators and torch.compile run them masked."""
+    books = toy_books(num_layers=4)
+    x = torch.randn(3, 5, 4)
+    stack = ToyStack(books, per_sample=cutoffs.ndim == 1)
+    skipped = stack._residual_loop(x, None, cutoffs)
+    monkeypatch.setattr(residual_module, "_last_layer_to_run", lambda cutoffs, num_quantizers: num_quantizers - 1)
+    masked = stack._residual_loop(x, None, cutoffs)
+    assert torch.equal(skipped[0], masked[0]) and torch.equal(skipped[1], masked[1])
+    assert torch.equal(stack._stack_losses(skipped[2], x), stack._stack_losses(masked[2], x))
+    for (r_skip, m_skip), (r_mask, m_mask) in zip(skipped[3], masked[3]):
+        assert torch.equal(r_skip, r_mask) and torch.equal(m_skip, m_mask)

@@ -3,7 +3,8 @@
 A scenario builds a model, makes the global batch of each step from its own generator, and runs one training
 step, returning a dict of detached results whose key says how to compare them:
 
-- ``rows/...``: batch-first; rank ``r``'s value equals rows ``[r * b, (r + 1) * b)`` of the single process's;
+- ``rows/...``: batch-first; rank ``r``'s value equals the single process's rows of rank ``r`` (rows
+  ``[r * b, (r + 1) * b)``, or the ranks' own slices when a scenario gives ranks different batch sizes);
 - ``same/...``: equal on every rank and to the single process's (e.g. the batch entropy, a DDP gradient);
 - ``mean/...``: the mean over ranks equals the single process's (a per-rank mean loss, equal batch sizes).
 
@@ -37,17 +38,23 @@ class Scenario:
     seed_per_rank: bool = False  # ranks build their model from different seeds (rank 0's is the reference)
     ddp: bool = False  # wrap in DistributedDataParallel and train with SGD
     lr: float = 0.1
+    rank_sizes: Callable[[int], list[int]] = field(default=None)  # world_size -> samples per rank (default equal)
+
+    def rows(self, t: Tensor, world_size: int, rank: int) -> Tensor:
+        """Rank ``rank``'s rows of a global batch-first tensor."""
+        sizes = self.rank_sizes(world_size) if self.rank_sizes else None
+        return slice_rows(t, world_size, rank, sizes)
 
 
 def generator(step: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(1000 * salt + step)
 
 
-def tokens_data(step: int, world_size: int, masked: bool = False, empty_last_rank_at=()) -> dict:
-    """Global ``x`` ``(world * PER_RANK, TOKENS, DIM)`` and, if asked, a random mask; the last rank's samples
-    are fully masked at the steps in ``empty_last_rank_at``."""
+def tokens_data(step: int, world_size: int, masked: bool = False, empty_last_rank_at=(), batch=None) -> dict:
+    """Global ``x`` ``(batch, TOKENS, DIM)`` (default ``batch = world * PER_RANK``) and, if asked, a random
+    mask; the last rank's samples are fully masked at the steps in ``empty_last_rank_at``."""
     g = generator(step)
-    x = torch.randn(world_size * PER_RANK, TOKENS, DIM, generator=g) * 2
+    x = torch.randn(world_size * PER_RANK if batch is None else batch, TOKENS, DIM, generator=g) * 2
     data = {"x": x}
     if masked:
         mask = torch.rand(x.shape[:2], generator=g) > 0.3
@@ -209,6 +216,50 @@ RVQ_EMPTY_RANK = Scenario(
 )
 
 
+# Every layer's inputs feed a last dead-code pass of the shared codebook, which replaces the codes the layers'
+# own passes left dead (more dead codes than valid tokens: a large codebook, a sparse mask). The rows of all
+# ranks must come in the order of the concatenated batch for its choices to equal one process's.
+RVQ_SHARED_CODEBOOK = Scenario(
+    "rvq_shared_codebook",
+    lambda: vqp.ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=64, shared_codebook=True, threshold_ema_dead_code=2.0, decay=0.8
+    ),
+    rvq_step,
+    lambda step, world: tokens_data(step, world, masked=True),
+    steps=3,
+)
+
+
+def unequal_sizes(world_size: int) -> list[int]:
+    """Rank ``r`` holds ``r + 1`` samples."""
+    return [rank + 1 for rank in range(world_size)]
+
+
+def rvq_per_sample_step(model, x):
+    quantized, indices, _ = model(x)
+    # every rank must draw as many random numbers as the single process, whatever its batch size
+    return {"rows/quantized": quantized.detach(), "rows/indices": indices, "same/rng_state": torch.get_rng_state()}
+
+
+# per-sample dropout with a different batch size on every rank: each sample's cutoff is the one the single
+# process draws for it (no k-means or dead codes: their random rows assume equal batches)
+RVQ_PER_SAMPLE_UNEQUAL = Scenario(
+    "rvq_per_sample_dropout_unequal_batches",
+    lambda: vqp.ResidualVQ(
+        dim=DIM,
+        num_quantizers=4,
+        codebook_size=16,
+        decay=0.8,
+        quantize_dropout=True,
+        quantize_dropout_per_sample=True,
+    ),
+    rvq_per_sample_step,
+    lambda step, world: tokens_data(step, world, batch=sum(unequal_sizes(world))),
+    steps=4,
+    rank_sizes=unequal_sizes,
+)
+
+
 def grouped_step(model, x):
     quantized, indices, losses = model(x)
     # indices (groups, b, n, q): batch first for the comparison
@@ -307,6 +358,8 @@ SCENARIOS = {
         SIMVQ_DDP,
         RVQ_DROPOUT,
         RVQ_EMPTY_RANK,
+        RVQ_SHARED_CODEBOOK,
+        RVQ_PER_SAMPLE_UNEQUAL,
         GROUPED_RVQ,
         LFQ_DDP,
         LFQ_EMPTY_RANK,
@@ -320,9 +373,12 @@ def build(scenario: Scenario, rank: int) -> nn.Module:
     return scenario.build().train()
 
 
-def slice_rows(t: Tensor, world_size: int, rank: int) -> Tensor:
-    per_rank = t.shape[0] // world_size
-    return t[rank * per_rank : (rank + 1) * per_rank]
+def slice_rows(t: Tensor, world_size: int, rank: int, sizes: list[int] | None = None) -> Tensor:
+    """Rank ``rank``'s rows of ``t``: equal slices, or ``sizes[r]`` rows for rank ``r`` in rank order."""
+    if sizes is None:
+        sizes = [t.shape[0] // world_size] * world_size
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]]
 
 
 def train(scenario: Scenario, model: nn.Module, world_size: int, rank: int | None) -> list[dict]:
@@ -333,7 +389,7 @@ def train(scenario: Scenario, model: nn.Module, world_size: int, rank: int | Non
     for step in range(scenario.steps):
         data = scenario.data(step, world_size)
         if rank is not None:
-            data = {k: slice_rows(v, world_size, rank) for k, v in data.items()}
+            data = {k: scenario.rows(v, world_size, rank) for k, v in data.items()}
         if optimizer is not None:
             data["optimizer"] = optimizer
         records.append(scenario.step(model, **data))

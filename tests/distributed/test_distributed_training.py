@@ -35,7 +35,7 @@ def compare(name: str, world_size: int, per_rank: list[dict]):
             kind = key.split("/")[0]
             if kind == "rows":
                 for rank, value in enumerate(values):
-                    assert_equal(value, scenarios.slice_rows(expected, world_size, rank), f"{what}, rank {rank}")
+                    assert_equal(value, scenario.rows(expected, world_size, rank), f"{what}, rank {rank}")
             elif kind == "same":
                 for rank, value in enumerate(values):
                     assert_equal(value, expected, f"{what}, rank {rank}")
@@ -74,6 +74,37 @@ def test_ranks_built_from_different_seeds_start_from_different_codebooks():
 def test_quantize_dropout_drops_layers_in_the_scenario():
     records, _ = scenarios.run_single(scenarios.SCENARIOS["rvq_dropout"], world_size=2)
     assert any((r["rows/indices"] == -1).any() for r in records)
+
+
+def test_shared_codebook_scenario_replaces_codes_in_the_pass_over_every_layer():
+    """The layers' own dead-code passes run first; the scenario covers the last pass (over every layer's inputs,
+    where the order of the rows matters) only if codes are still dead then: check that they are."""
+    scenario = scenarios.SCENARIOS["rvq_shared_codebook"]
+    model = scenarios.build(scenario, rank=0)
+    codebook = model.layers[0]._codebook
+    dead_per_pass = []
+    expire = codebook.expire_codes_
+
+    def counting_expire(*args, **kwargs):
+        dead_per_pass.append(int((codebook.cluster_size < codebook.threshold_ema_dead_code).sum()))
+        expire(*args, **kwargs)
+
+    codebook.expire_codes_ = counting_expire
+    scenarios.train(scenario, model, world_size=2, rank=None)
+    passes = model.num_quantizers + 1  # one per layer, then the shared pass
+    assert len(dead_per_pass) == scenario.steps * passes
+    assert all(dead_per_pass[step * passes + passes - 1] > 0 for step in range(scenario.steps))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_per_sample_scenario_has_unequal_batches_and_cutoffs_per_sample(world_size):
+    scenario = scenarios.SCENARIOS["rvq_per_sample_dropout_unequal_batches"]
+    x = scenario.data(0, world_size)["x"]
+    sizes = [len(scenario.rows(x, world_size, rank)) for rank in range(world_size)]
+    assert len(set(sizes)) == world_size and sum(sizes) == len(x)
+    records, _ = scenarios.run_single(scenario, world_size)
+    kept = torch.cat([(r["rows/indices"] >= 0).sum(-1)[:, 0] for r in records])
+    assert len(set(kept.tolist())) > 1
 
 
 def test_lfq_scenario_has_a_rank_without_tokens_and_a_nonzero_batch_entropy():

@@ -2,62 +2,141 @@
 
 A residual quantizer (SoundStream, Algorithm 1) quantizes its input with layer 1, the remainder with
 layer 2, and so on; the output is the sum of the layers' codes. :class:`ResidualStack` holds the loop,
-the projections at stack level, quantize dropout and decoding from indices; a family only says how one of
+quantize dropout, the input and output plumbing and decoding from indices; a family only says how one of
 its layers quantizes a residual and how it turns indices back into codes.
 
 Quantize dropout (SoundStream, EnCodec) trains the stack to work with its first few layers only: during
-training a random cutoff layer is drawn and later layers are skipped (index -1, loss 0). By default one
-cutoff per batch, the same on every distributed rank (the reference's semantics); with
+training a random cutoff layer is drawn and later layers are dropped (index -1, zero codes, loss 0). By
+default one cutoff per batch, the same on every distributed rank (the reference's semantics); with
 ``quantize_dropout_per_sample=True`` each sample draws its own cutoff, as DAC does.
+
+The cutoff stays a tensor: a dropped layer is masked (its tokens are masked out, so its codebook
+statistics do not move), which needs no host synchronisation and lets ``torch.compile`` capture the
+training step in one graph. Layers that every sample drops are not run at all when knowing that is free
+(eager mode, cutoffs on the CPU), which gives the same outputs at the cost of the kept layers only.
+Cutoffs are a hash of a seed and of each sample's position in
+the batch of every rank concatenated, so each rank draws one seed whatever its batch size, and a single
+process fed the concatenated batch with the same seed draws the same cutoffs.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .layout import TokenLayout
-from .validate import check_indices
+from .layout import TokenLayout, check_mask
+from .validate import check_bool, check_indices, check_input, check_int
+
+# layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
+# tokens and stacks ``(b, n)`` indices), with the values that leave them alone
+LAYER_ARGUMENTS_FIXED_BY_THE_STACK = {
+    "num_codebooks": (1,),
+    "keep_num_codebooks_dim": (None, False),
+    "channel_first": (None, False),
+    "has_projections": (None, False),
+    "return_indices": (True,),
+}
+
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: separates the hash streams of seeds and positions
 
 
-def round_up_cutoff(cutoff: int, multiple_of: int) -> int:
-    """Round a cutoff layer index up so that the number of kept layers is a multiple of ``multiple_of``."""
-    if multiple_of == 1:
-        return cutoff
-    return math.ceil((cutoff + 1) / multiple_of) * multiple_of - 1
+def check_layer_kwargs(layer_kwargs: dict) -> None:
+    """Reject per-layer arguments a residual stack cannot honour (the reference asserts on some, breaks on others)."""
+    for name, allowed in LAYER_ARGUMENTS_FIXED_BY_THE_STACK.items():
+        if name in layer_kwargs and not any(
+            layer_kwargs[name] is value or layer_kwargs[name] == value for value in allowed
+        ):
+            raise ValueError(
+                f"{name}={layer_kwargs[name]!r} is not supported for the layers of a residual stack (allowed: "
+                f"{', '.join(map(repr, allowed))}); split features with the Grouped* class, and use the stack's own "
+                "dim / is_channel_first for projections and layouts"
+            )
+
+
+def round_up_cutoff(cutoff, multiple_of: int):
+    """Round a cutoff layer index (an int or an int tensor) up so that the number of kept layers,
+    ``cutoff + 1``, is a multiple of ``multiple_of`` (EnCodec's structured dropout)."""
+    return (cutoff + multiple_of) // multiple_of * multiple_of - 1
 
 
 def frac_gradient(t: Tensor, frac: float) -> Tensor:
-    """Forward value ``t``; only a fraction ``frac`` of the gradient passes."""
+    """Forward value exactly ``t``; only a fraction ``frac`` of the gradient passes."""
     if frac <= 0:
         return t.detach()
-    return frac * t + (1.0 - frac) * t.detach()
+    return t.detach() + frac * (t - t.detach())
+
+
+def dropout_seed(seed, device) -> Tensor:
+    """The seed of a dropout draw as a ``()`` int64 tensor on ``device``: the given one (an int or a tensor),
+    or rank 0's draw from the default generator of ``device`` (no host read)."""
+    if seed is None:
+        return distributed.shared_seed_tensor(device)
+    if isinstance(seed, Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(())
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
+
+
+def hashed_draws(seed: Tensor, positions: Tensor) -> Tensor:
+    """Uniform integers in ``[0, 2^32)``, one per position: a function of ``(seed, position)`` only.
+
+    Shape:
+        - seed: ``()`` int64, positions: any int64 -> the shape of ``positions``
+    """
+    stream = distributed._hash32(distributed._hash32(seed) + _GOLDEN)
+    return distributed._hash32(distributed._hash32(positions + _GOLDEN) ^ stream)
+
+
+def first_sample_position(batch: int, device) -> Tensor | int:
+    """Where this rank's samples start in the batch of every rank concatenated in rank order: 0 in a single
+    process; when distributed, one all-gather of the local batch sizes (ranks may hold different numbers of
+    samples), with no host read."""
+    if not distributed.is_distributed():
+        return 0
+    sizes = distributed.all_gather_cat(torch.full((1,), batch, dtype=torch.int64, device=device))
+    return sizes[: distributed.rank()].sum()
+
+
+def _last_layer_to_run(cutoffs: Tensor | None, num_quantizers: int) -> int:
+    """The last layer some sample keeps, when that is free to know: in eager mode with the cutoffs on the CPU
+    (reading them is not a device synchronisation). Otherwise (on an accelerator, or under ``torch.compile``)
+    every layer runs and the dropped ones are masked, which gives the same outputs without a host read.
+    Per-sample cutoffs differ between ranks, and layers synchronise their statistics, so under
+    torch.distributed every rank runs every layer."""
+    if cutoffs is None or cutoffs.device.type != "cpu" or torch.compiler.is_compiling():
+        return num_quantizers - 1
+    if cutoffs.ndim > 0 and distributed.is_distributed():
+        return num_quantizers - 1
+    return int(cutoffs.max())
 
 
 class ResidualStack(nn.Module):
     """Base class: ``num_quantizers`` layers quantizing successive residuals of tokens ``(b, n, d)``.
 
-    Subclasses build ``self.layers`` (an ``nn.ModuleList``), ``self.project_in`` / ``self.project_out``, call
-    :meth:`_init_dropout`, and implement:
+    Subclasses call :meth:`_init_dropout` (before building state: it validates the dropout arguments),
+    build ``self.layers`` (an ``nn.ModuleList``) and ``self.project_in`` / ``self.project_out``, set
+    ``self.dim``, and implement:
 
     - ``_quantize_layer(index, residual, mask, **kwargs) -> (quantized, indices, loss)`` on tokens
       ``(b, n, d)``, returning ``(b, n, d)``, ``(b, n)`` and a loss (``()``; ``None`` for loss-free layers);
+      masked tokens (``mask`` False) must not change the layer's statistics;
     - ``_layer_codes(index, indices, previous) -> (b, n, d)`` codes for indices ``(b, n)`` in ``[0, K)``,
       where ``previous`` is the sum of the codes of the earlier layers (for implicit neural codebooks).
     """
 
     layers: nn.ModuleList
+    # the reference's ResidualFSQ and ResidualLFQ drop layers only while autograd records
+    dropout_needs_grad = False
 
-    def _init_dropout(self, quantize_dropout, cutoff_index, multiple_of, per_sample=False) -> None:
-        num = len(self.layers)
-        if not 0 <= cutoff_index < max(num, 1):
-            raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {num - 1}], got {cutoff_index}")
-        if multiple_of < 1:
-            raise ValueError(f"quantize_dropout_multiple_of must be >= 1, got {multiple_of}")
-        self.quantize_dropout = bool(quantize_dropout) and num > 1
+    def _init_dropout(self, quantize_dropout, cutoff_index, multiple_of, per_sample=False, *, num_quantizers=None):
+        """Validate and keep the quantize dropout arguments of a stack of ``num_quantizers`` layers
+        (default: ``len(self.layers)``, when they are built already)."""
+        num = len(self.layers) if num_quantizers is None else num_quantizers
+        check_bool("quantize_dropout", quantize_dropout)
+        check_int("quantize_dropout_cutoff_index", cutoff_index, minimum=0, maximum=max(num - 1, 0))
+        check_int("quantize_dropout_multiple_of", multiple_of, minimum=1)
+        check_bool("quantize_dropout_per_sample", per_sample)
+        self.quantize_dropout = quantize_dropout and num > 1
         self.quantize_dropout_cutoff_index = cutoff_index
         self.quantize_dropout_multiple_of = multiple_of
         self.quantize_dropout_per_sample = per_sample
@@ -68,20 +147,36 @@ class ResidualStack(nn.Module):
 
     # ------------------------------------------------------------------ dropout
 
-    def _dropout_plan(self, batch: int, device, seed: int | None) -> tuple[Tensor, int]:
-        """Draw the last kept layer of each sample: ``(b,)`` on ``device`` and, as a host int, the largest.
+    def _dropout_active(self) -> bool:
+        return self.training and self.quantize_dropout and (torch.is_grad_enabled() or not self.dropout_needs_grad)
 
-        The draw uses a CPU generator seeded by ``seed`` (agreed across ranks when distributed), so it never
-        waits on the device.
+    def _dropout_plan(self, batch: int, device, seed=None) -> Tensor:
+        """The last kept layer, drawn uniformly in ``[quantize_dropout_cutoff_index, num_quantizers)`` and rounded
+        up by ``quantize_dropout_multiple_of``: ``()`` for the batch, or ``(batch,)`` per sample. int64 on
+        ``device``, without a host read.
+
+        ``seed`` (an int, a ``()`` tensor, or None: rank 0's draw from the default generator) decides the
+        draw; a sample's cutoff depends on its position in the batch of every rank concatenated.
         """
-        generator = torch.Generator().manual_seed(distributed.shared_seed(seed))
+        seed = dropout_seed(seed, device)
+        if self.quantize_dropout_per_sample:
+            positions = torch.arange(batch, device=device) + first_sample_position(batch, device)
+        else:
+            positions = torch.zeros((), dtype=torch.int64, device=device)
         low, high = self.quantize_dropout_cutoff_index, self.num_quantizers
-        count = batch if self.quantize_dropout_per_sample else 1
-        cutoffs = torch.randint(low, high, (count,), generator=generator)
-        m = self.quantize_dropout_multiple_of
-        if m != 1:
-            cutoffs = (torch.div(cutoffs + m, m, rounding_mode="floor") * m - 1).clamp(max=high - 1)
-        return cutoffs.expand(batch).to(device), int(cutoffs.max())
+        cutoffs = low + hashed_draws(seed, positions) % (high - low)
+        return round_up_cutoff(cutoffs, self.quantize_dropout_multiple_of).clamp(max=high - 1)
+
+    @staticmethod
+    def _drop_layer(keep: Tensor, quantized: Tensor, indices: Tensor, loss: Tensor | None):
+        """Zero codes and index -1 for the samples that drop a layer (``keep``: ``()`` or ``(b,)``), and a zero
+        loss when no sample keeps it (otherwise the layer's masked loss already leaves the others out)."""
+        token_keep = keep.reshape(-1, *([1] * (indices.ndim - 1)))
+        quantized = torch.where(token_keep.unsqueeze(-1), quantized, torch.zeros_like(quantized))
+        indices = torch.where(token_keep, indices, torch.full_like(indices, -1))
+        if loss is not None:
+            loss = torch.where(keep.any(), loss, torch.zeros_like(loss))
+        return quantized, indices, loss
 
     # ------------------------------------------------------------------ the residual loop
 
@@ -90,56 +185,79 @@ class ResidualStack(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         cutoffs: Tensor | None,
-        last_layer: int | None = None,
         quant_grad_frac: float = 0.0,
         **layer_kwargs,
     ) -> tuple[Tensor, Tensor, list, list]:
-        """Quantize ``x`` ``(b, n, d)`` layer by layer.
+        """Quantize ``x`` ``(b, n, d)`` layer by layer; ``cutoffs`` (``()`` or ``(b,)``, from
+        :meth:`_dropout_plan`) drops the layers after them.
 
-        Returns quantized ``(b, n, d)``, indices ``(b, n, q)``, per-layer losses (list) and, for every layer
-        that ran, its residual input ``(b, n, d)`` with the mask it ran under (``(b, n)`` or None), for
-        shared-codebook maintenance.
+        Returns quantized ``(b, n, d)``, indices ``(b, n, q)``, per-layer losses (list) and, for every layer,
+        its residual input ``(b, n, d)`` with the mask it ran under (``(b, n)`` or None), for shared-codebook
+        maintenance.
         """
         b, n, _ = x.shape
         residual = x
         quantized_out = None  # the running sum starts at the first layer's codes (0 + q_0 is q_0)
         all_indices, all_losses, residuals = [], [], []
+        last_layer = _last_layer_to_run(cutoffs, self.num_quantizers)
         for index in range(self.num_quantizers):
-            layer_mask = mask
-            keep = None
-            if last_layer is not None and index > last_layer:
-                all_indices.append(None)
-                all_losses.append(None)
+            if index > last_layer:  # dropped by every sample: what running it masked would give, without running it
+                residuals.append((residual, torch.zeros(b, n, dtype=torch.bool, device=x.device)))
+                all_indices.append(torch.full_like(all_indices[0], -1))
+                all_losses.append(None if all_losses[0] is None else torch.zeros_like(all_losses[0]))
                 continue
-            if cutoffs is not None and self.quantize_dropout_per_sample:
-                keep = (cutoffs >= index).unsqueeze(-1).expand(b, n)
-                layer_mask = keep if mask is None else (mask & keep)
+            keep = None if cutoffs is None else cutoffs >= index
+            layer_mask = mask
+            if keep is not None:
+                token_keep = keep.reshape(-1, 1).expand(b, n)
+                layer_mask = token_keep if mask is None else (mask & token_keep)
             residuals.append((residual, layer_mask))
             previous = x.new_zeros(()).expand_as(x) if quantized_out is None else quantized_out
             quantized, indices, loss = self._quantize_layer(
                 index, residual, layer_mask, previous=previous, **layer_kwargs
             )
             if keep is not None:
-                quantized = quantized * keep.unsqueeze(-1).to(quantized.dtype)
-                indices = torch.where(keep, indices, torch.full_like(indices, -1))
+                quantized, indices, loss = self._drop_layer(keep, quantized, indices, loss)
             residual = residual - frac_gradient(quantized, quant_grad_frac)
             quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(indices)
             all_losses.append(loss)
-        if quantized_out is None:
-            quantized_out = torch.zeros_like(x)
-        return quantized_out, self._stack_indices(all_indices, b, n, x.device), all_losses, residuals
+        return quantized_out, torch.stack(all_indices, dim=-1), all_losses, residuals
 
-    @staticmethod
-    def _stack_indices(all_indices: list, b: int, n: int, device) -> Tensor:
-        """Per-layer ``(b, n)`` indices -> ``(b, n, q)`` in the layers' index dtype; skipped layers are -1."""
-        dtype = next((i.dtype for i in all_indices if i is not None), torch.long)
-        filled = [torch.full((b, n), -1, dtype=dtype, device=device) if i is None else i.to(dtype) for i in all_indices]
-        return torch.stack(filled, dim=-1)
+    def _quantize_residuals(self, h: Tensor, mask: Tensor | None, seed, **loop_kwargs):
+        """:meth:`_residual_loop` with quantize dropout when it applies (training)."""
+        cutoffs = self._dropout_plan(h.shape[0], h.device, seed) if self._dropout_active() else None
+        return self._residual_loop(h, mask, cutoffs, **loop_kwargs)
 
     def _stack_losses(self, losses: list, reference: Tensor) -> Tensor:
         zero = torch.zeros((), device=reference.device, dtype=torch.float32)
         return torch.stack([zero if loss is None else loss.float().reshape(()) for loss in losses])
+
+    # ------------------------------------------------------------------ input and output
+
+    def _input_tokens(self, x: Tensor, channel_first: bool | None, mask: Tensor | None = None):
+        """Check ``x`` (and ``mask``) and flatten it to tokens ``(b, n, dim)``: ``(layout, tokens, mask)``.
+        ``channel_first=None``: features on axis 1 for images and video (4 or more dimensions) only."""
+        check_input("x", x, min_ndim=3)
+        if channel_first is None:
+            channel_first = x.ndim >= 4
+        layout = TokenLayout.of(x, channel_first=channel_first)
+        tokens = layout.to_tokens(x)
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
+        if mask is not None:
+            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
+        return layout, tokens, mask
+
+    def _forward_result(self, out, layout: TokenLayout, indices, losses=None, return_all_codes: bool = False):
+        """``(out, indices[, losses][, all_codes])`` with the indices in the input's layout; losses are left
+        out for loss-free families (None)."""
+        result = (out, layout.indices_from_tokens(indices))
+        if losses is not None:
+            result = (*result, self._stack_losses(losses, out))
+        if return_all_codes:
+            result = (*result, self.get_codes_from_indices(result[1]))
+        return result
 
     # ------------------------------------------------------------------ decoding
 
@@ -160,6 +278,21 @@ class ResidualStack(nn.Module):
         for layer_codes in codes:
             total = total + layer_codes
         return total
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Every layer's codes (in the layers' code space, before ``project_out``); index -1 (a dropped
+        layer) gives a zero code, and missing trailing layers count as dropped.
+
+        Shape:
+            - indices: ``(b, ..., q')`` with ``q' <= q``, as forward returns them
+            - output: ``(q, b, ..., codebook_dim)``
+        """
+        return self._all_layer_codes(indices)
+
+    def _decode_indices(self, indices: Tensor, channel_first: bool) -> Tensor:
+        """``project_out`` of the sum of every layer's codes, with the features on axis 1 if ``channel_first``."""
+        out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
+        return out.movedim(-1, 1) if channel_first else out
 
     def _all_layer_codes(self, indices: Tensor) -> Tensor:
         """Every layer's codes for indices as forward returns them: ``(b, ..., q') -> (q, b, ..., d)``;
@@ -186,11 +319,20 @@ class ResidualStack(nn.Module):
 class GroupedStacks(nn.Module):
     """Split the features into ``groups`` chunks and quantize each with its own residual stack.
 
-    Subclasses set ``self.rvqs`` (an ``nn.ModuleList``), ``self.groups``, ``self.dim`` and
-    ``self.accept_image_fmap`` (channel axis 1 instead of the last axis).
+    Subclasses call :meth:`_init_groups` and set ``self.rvqs`` (an ``nn.ModuleList`` of ``groups`` stacks).
     """
 
     rvqs: nn.ModuleList
+
+    def _init_groups(self, dim: int, groups: int, accept_image_fmap: bool) -> None:
+        """Validate and keep ``dim`` (divisible by ``groups``), ``groups`` and ``accept_image_fmap`` (the
+        features are on axis 1 instead of the last axis)."""
+        check_int("dim", dim, minimum=1)
+        check_int("groups", groups, minimum=1)
+        if dim % groups:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups = dim, groups
+        self.accept_image_fmap = check_bool("accept_image_fmap", accept_image_fmap)
 
     @property
     def split_dim(self) -> int:
@@ -213,22 +355,19 @@ class GroupedStacks(nn.Module):
         return torch.cat(outs, dim=self.split_dim)
 
     def _grouped_forward(self, x: Tensor, indices, **kwargs):
-        """Run every group with one shared dropout seed; stack indices ``(G, ...)`` and losses ``(G, ...)``."""
+        """Run every group, with one dropout seed shared by the groups (drawn only when a group drops layers);
+        stack indices ``(G, ...)`` and losses ``(G, ...)``."""
         chunks = self._split(x)
-        if self.training and kwargs.get("rand_quantize_dropout_fixed_seed") is None:
-            kwargs["rand_quantize_dropout_fixed_seed"] = distributed.shared_seed()
         if indices is not None:
             if len(indices) != self.groups:
                 raise ValueError(f"indices must hold one tensor per group ({self.groups}), got {len(indices)}")
             outs = [rvq(c, indices=i, **kwargs) for rvq, c, i in zip(self.rvqs, chunks, indices)]
             quantized, ce = zip(*outs)
             return torch.cat(quantized, dim=self.split_dim), sum(ce)
+        if kwargs.get("rand_quantize_dropout_fixed_seed") is None and self.rvqs[0]._dropout_active():
+            kwargs["rand_quantize_dropout_fixed_seed"] = dropout_seed(None, x.device)
         outs = [rvq(c, **kwargs) for rvq, c in zip(self.rvqs, chunks)]
         quantized, all_indices, *rest = zip(*outs)
         result = [torch.cat(quantized, dim=self.split_dim), torch.stack(all_indices)]
         result += [torch.stack(r) for r in rest]
         return tuple(result)
-
-
-def layout_for(x: Tensor, channel_first: bool) -> TokenLayout:
-    return TokenLayout.of(x, channel_first=channel_first)
