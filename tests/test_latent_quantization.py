@@ -2,9 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import pack
+from torch import nn
 
 from vector_quantize_pytorch import latent_quantization
+from vector_quantize_pytorch.core.linear import token_linear
 from vector_quantize_pytorch.latent_quantization import LatentQuantize, LatentQuantizer
 
 
@@ -387,11 +390,179 @@ def test_loss_sends_the_quantization_term_gradient_to_the_input():
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in quantizer.values_per_latent)
 
 
-def test_first_min_over_levels_equals_argmin_with_ties_and_nans():
-    from vector_quantize_pytorch.latent_quantization import _first_min_over_levels
+def test_first_min_over_levels_equals_argmin_with_ties_nans_and_infinities():
+    from vector_quantize_pytorch.latent_quantization import _first_min_over_levels_
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
         distances = torch.randint(0, 4, (5, 7, 3), generator=generator).float()  # many ties
-        distances[torch.rand(distances.shape, generator=generator) < 0.1] = float("nan")
-        assert torch.equal(_first_min_over_levels(distances), distances.argmin(0))
+        distances[torch.rand(distances.shape, generator=generator) < 0.1] = math.nan
+        distances[torch.rand(distances.shape, generator=generator) < 0.1] = math.inf
+        distances[:, 0, 0] = math.inf  # every level infinitely far: the first one
+        distances[:, 1, 0] = math.nan
+        assert torch.equal(_first_min_over_levels_(distances.clone()), distances.argmin(0))
+
+
+def plain_autograd_step(lq, x):
+    """The training loss and output of ``lq`` written with plain autograd ops (F.linear, advanced indexing)
+    and brute-force nearest values: the commitment term reaches the grids and project_out, the quantization
+    term the input, the output's gradient the latents (straight through)."""
+    b, d = x.shape[:2]
+    tokens = x.flatten(2).transpose(1, 2).reshape(-1, d)
+    latents = F.linear(tokens, lq.project_in.weight, lq.project_in.bias)
+    grids = list(lq.values_per_latent)
+    level_indices = brute_force_level_indices(latents, grids)
+    chosen = torch.stack([grid[level_indices[:, i]] for i, grid in enumerate(grids)], dim=-1)
+    codes = chosen.detach() + (latents - latents.detach())
+    out = F.linear(codes, lq.project_out.weight, lq.project_out.bias)
+    out_for_commitment = F.linear(chosen, lq.project_out.weight, lq.project_out.bias)
+    loss = lq.commitment_loss_weight * F.mse_loss(tokens.detach(), out_for_commitment)
+    loss = loss + lq.quantization_loss_weight * F.mse_loss(out_for_commitment.detach(), tokens)
+    out = out.view(b, -1, out.shape[-1]).transpose(1, 2).reshape(x.shape)
+    return out, loss
+
+
+@pytest.mark.parametrize("weights", [(0.1, 0.1), (0.3, 0.05), (0.0, 0.2)])
+def test_training_gradients_match_plain_autograd(weights):
+    torch.manual_seed(6)
+    lq = LatentQuantize(
+        levels=[5, 5, 8], dim=16, commitment_loss_weight=weights[0], quantization_loss_weight=weights[1]
+    )
+    x = torch.randn(2, 16, 3, 5, requires_grad=True)
+    out, _, loss = lq(x)
+    (out.sin().mean() + loss).backward()
+    grads = {name: p.grad.clone() for name, p in lq.named_parameters()}
+    grad_x = x.grad.clone()
+
+    lq.zero_grad()
+    x.grad = None
+    expected_out, expected_loss = plain_autograd_step(lq, x)
+    (expected_out.sin().mean() + expected_loss).backward()
+    assert torch.equal(out, expected_out)
+    torch.testing.assert_close(loss, expected_loss)
+    for name, p in lq.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    torch.testing.assert_close(grad_x, x.grad)
+
+
+def test_forward_hooks_on_the_projections_still_run():
+    """A hooked projection is called as a module (twice for project_out: the output and the loss); the
+    results equal the unhooked ones, where the loss applies project_out itself."""
+    torch.manual_seed(8)
+    lq = LatentQuantize(levels=[5, 5, 8], dim=16)
+    x = torch.randn(1, 16, 2, 2)
+    out, _, loss = lq(x)
+    grads = torch.autograd.grad(out.sin().sum() + loss, list(lq.parameters()))
+    seen = []
+    lq.project_in.register_forward_hook(lambda module, args, output: seen.append("in"))
+    lq.project_out.register_forward_hook(lambda module, args, output: seen.append("out"))
+    hooked, _, hooked_loss = lq(x)
+    assert seen == ["in", "out", "out"]
+    assert torch.equal(hooked, out)
+    torch.testing.assert_close(hooked_loss, loss)
+    hooked_grads = torch.autograd.grad(hooked.sin().sum() + hooked_loss, list(lq.parameters()))
+    for grad, hooked_grad in zip(grads, hooked_grads):
+        torch.testing.assert_close(grad, hooked_grad)
+
+
+@pytest.mark.parametrize("dim", [2, 7])  # project_out from 3 latents to fewer or more features
+def test_projections_without_bias(dim):
+    torch.manual_seed(9)
+    lq = LatentQuantize(levels=[5, 5, 8], dim=dim)
+    lq.project_in = nn.Linear(dim, 3, bias=False)
+    lq.project_out = nn.Linear(3, dim, bias=False)
+    x = torch.randn(2, 4, dim, requires_grad=True)
+    out, _, loss = lq(x)
+    (out.sin().sum() + loss).backward()
+    grads = [p.grad.clone() for p in lq.parameters()] + [x.grad.clone()]
+
+    lq.zero_grad()
+    x.grad = None
+    lq.project_out.register_forward_hook(lambda module, args, output: None)  # the unfused path
+    hooked, _, hooked_loss = lq(x)
+    (hooked.sin().sum() + hooked_loss).backward()
+    assert torch.equal(hooked, out)
+    torch.testing.assert_close(hooked_loss, loss)
+    for grad, expected in zip(grads, [p.grad for p in lq.parameters()] + [x.grad]):
+        torch.testing.assert_close(grad, expected)
+
+
+# ----- core.linear.token_linear -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features", [(16, 3), (3, 16), (4, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_linear_matches_f_linear(features, bias, dtype):
+    in_features, out_features = features
+    torch.manual_seed(7)
+    layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    tokens = torch.randn(37, in_features, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(37, out_features, dtype=dtype)
+
+    out = token_linear(tokens, layer.weight, layer.bias)
+    expected = F.linear(tokens, layer.weight, layer.bias)
+    assert torch.equal(out, expected)  # the same forward, bit for bit
+
+    params = [tokens, layer.weight] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad((out * upstream).sum(), params)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), params)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.shape == expected_grad.shape
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_token_linear_broadcast_gradient_and_partial_needs():
+    """A mean's expanded (stride-0) gradient, and inputs that do not need a gradient."""
+    layer = nn.Linear(3, 16)
+    tokens = torch.randn(50, 3)
+    out = token_linear(tokens, layer.weight, layer.bias)
+    grad_weight, grad_bias = torch.autograd.grad(out.mean(), [layer.weight, layer.bias])
+    torch.testing.assert_close(grad_weight, tokens.sum(0).expand(16, 3) / out.numel())
+    torch.testing.assert_close(grad_bias, torch.full((16,), 50 / out.numel()))
+
+    frozen_weight = layer.weight.detach()
+    tokens.requires_grad_(True)
+    (grad_tokens,) = torch.autograd.grad(token_linear(tokens, frozen_weight).sum(), [tokens])
+    torch.testing.assert_close(grad_tokens, frozen_weight.sum(0).expand(50, 3))
+
+
+def test_token_linear_falls_back_to_f_linear():
+    layer = nn.Linear(3, 16)
+    tokens = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(token_linear(tokens, layer.weight, layer.bias), layer(tokens))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = token_linear(tokens, layer.weight, layer.bias)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, layer(tokens))
+    batched = torch.randn(2, 5, 3)
+    assert torch.equal(token_linear(batched, layer.weight, layer.bias), layer(batched))
+
+
+@pytest.mark.parametrize("features", [(16, 3), (3, 16)])
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
+def test_token_linear_grads_match_autograd(features, needs):
+    from vector_quantize_pytorch.core.linear import token_linear_grads
+
+    in_features, out_features = features
+    torch.manual_seed(10)
+    tokens = torch.randn(29, in_features, requires_grad=True)
+    weight = torch.randn(out_features, in_features, requires_grad=True)
+    bias = torch.randn(out_features, requires_grad=True)
+    upstream = torch.randn(29, out_features)
+    expected = torch.autograd.grad(F.linear(tokens, weight, bias), [tokens, weight, bias], upstream)
+    grads = token_linear_grads(upstream, tokens.detach(), weight.detach(), needs)
+    for grad, expected_grad, needed in zip(grads, expected, needs):
+        if needed:
+            torch.testing.assert_close(grad, expected_grad)
+        else:
+            assert grad is None
+
+
+@pytest.mark.parametrize("shape", [(3, 4096), (4096, 3), (5, 7), (1, 4), (0, 3)])
+def test_transposed_copy(shape):
+    from vector_quantize_pytorch.core.linear import transposed_copy
+
+    matrix = torch.randn(shape)
+    copied = transposed_copy(matrix)
+    assert copied.is_contiguous() and torch.equal(copied, matrix.t())

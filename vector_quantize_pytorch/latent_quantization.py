@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 from torch.optim import Optimizer
 
 from .core.layout import TokenLayout
+from .core.linear import token_linear, token_linear_grads, transposed_copy
 from .core.validate import (
     check_feature_size,
     check_float,
@@ -69,6 +71,10 @@ class _FixedValueGrids(nn.Module):
 
     def __iter__(self):
         return iter(self._buffers.values())
+
+    def grids(self) -> list[Tensor]:
+        """The grids in order, as a list."""
+        return list(self._buffers.values())
 
 
 def _check_levels(levels, codebook_dim) -> tuple[int, ...]:
@@ -205,46 +211,64 @@ class LatentQuantize(nn.Module):
         levels_t = torch.tensor(levels, dtype=torch.int64)
         longest = max(levels)
         starts = torch.cumsum(levels_t, 0) - levels_t
-        # slot of every grid value in a (codebook_dim, longest) table padded with +inf
-        slots = torch.cat([torch.arange(level) + i * longest for i, level in enumerate(levels)])
+        # slot of every grid value in a (longest, codebook_dim) table padded with +inf
+        slots = torch.cat([torch.arange(level) * len(levels) + i for i, level in enumerate(levels)])
         self.register_buffer("_levels", levels_t.to(torch.int32), persistent=False)
         self.register_buffer("_basis", mixed_radix_basis(levels).to(torch.int32), persistent=False)
+        # int64 copies for the hot path (no conversion per call)
+        self.register_buffer("_last_levels", levels_t - 1, persistent=False)
+        self.register_buffer("_place_values", mixed_radix_basis(levels), persistent=False)
         self.register_buffer("_value_starts", starts, persistent=False)
         self.register_buffer("_padded_slots", slots, persistent=False)
         self._longest_level = longest
 
     # ----- value grids -----------------------------------------------------------------------------------
 
+    def _grids(self) -> list[Tensor]:
+        """The value grids, learned (a ``ParameterList``) or fixed."""
+        if isinstance(self.values_per_latent, _FixedValueGrids):
+            return self.values_per_latent.grids()
+        return list(self.values_per_latent)
+
     def _flat_values(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All grids concatenated, ``(sum(levels),)``; differentiable w.r.t. ``values_per_latent``."""
-        return torch.cat(list(self.values_per_latent)).to(dtype)
+        return _to_dtype(torch.cat(self._grids()), dtype)
 
     def _padded_grid(self, flat_values: Tensor) -> Tensor:
-        """``(codebook_dim, max(levels))`` table of the grids, padded with +inf (never nearest)."""
-        table = flat_values.new_full((self.codebook_dim * self._longest_level,), math.inf)
+        """``(max(levels), codebook_dim)`` table of the grids, one per column, padded with +inf (never nearest)."""
+        table = flat_values.new_full((self._longest_level * self.codebook_dim,), math.inf)
         table = table.index_copy(0, self._padded_slots, flat_values.detach())
-        return table.view(self.codebook_dim, self._longest_level)
+        return table.view(self._longest_level, self.codebook_dim)
 
     def _nearest_level_indices(self, latents: Tensor, flat_values: Tensor) -> Tensor:
-        """``(..., codebook_dim)`` -> int64 position of the nearest value in each dimension's grid."""
-        grid = self._padded_grid(flat_values).t().unsqueeze(-1)  # (longest level, codebook_dim, 1)
-        columns = latents.detach().reshape(-1, self.codebook_dim).t().contiguous()  # (codebook_dim, tokens)
+        """``(..., k * codebook_dim)`` -> int64 position of the nearest value in each dimension's grid (the
+        last axis holds ``k`` groups of ``codebook_dim`` latents)."""
+        grid = self._padded_grid(flat_values).unsqueeze(-1)  # (longest level, codebook_dim, 1), contiguous
+        # tokens on the last axis: elementwise loops over an inner axis of a few latent dims are slow
+        columns = transposed_copy(latents.detach().reshape(-1, self.codebook_dim))  # (codebook_dim, tokens)
         chunk = max(1, MAX_DISTANCES // grid.numel())
-        nearest = [_first_min_over_levels((grid - part).abs()) for part in columns.split(chunk, dim=1)]
+        if columns.shape[1] <= chunk:
+            nearest = _first_min_over_levels_((grid - columns).abs_())
+        else:
+            parts = columns.split(chunk, dim=1)
+            nearest = torch.cat([_first_min_over_levels_((grid - part).abs_()) for part in parts], dim=1)
         # an infinite latent meets inf - inf = nan in the padding; keep its index inside the grid
-        nearest = torch.minimum(torch.cat(nearest, dim=1).t(), self._levels.long() - 1)
-        return nearest.reshape(latents.shape)
+        nearest = torch.minimum(nearest, self._last_levels.unsqueeze(-1))
+        return transposed_copy(nearest).view(latents.shape)
 
     def _values_at(self, flat_values: Tensor, level_indices: Tensor) -> Tensor:
-        """Grid values at ``(..., codebook_dim)`` level indices."""
-        return flat_values[self._value_starts + level_indices]
+        """Grid values at ``(..., k * codebook_dim)`` level indices (``k`` groups of ``codebook_dim``)."""
+        positions = self._value_starts + level_indices.reshape(-1, self.codebook_dim)
+        # index_select: a faster forward and backward (index_add) than advanced indexing
+        return flat_values.index_select(0, positions.reshape(-1)).view(level_indices.shape)
 
     def _level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
-        return (level_indices * self._basis.long()).sum(-1).to(torch.int32)
+        """``(..., codebook_dim)`` level indices -> int32 mixed-radix indices ``(...)``."""
+        return (level_indices * self._place_values).sum(-1).to(torch.int32)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """``(...)`` code indices -> ``(..., codebook_dim)`` int64 positions in each grid."""
-        return indices.long().unsqueeze(-1) // self._basis.long() % self._levels.long()
+        return indices.long().unsqueeze(-1) // self._place_values % (self._last_levels + 1)
 
     @property
     def implicit_codebook(self) -> Tensor:
@@ -325,7 +349,7 @@ class LatentQuantize(nn.Module):
 
         Non-finite latents are left out of the loss; when none is finite the grids keep their values (a step
         with zero gradients could still move them through the optimizer's momentum)."""
-        params = list(self.values_per_latent)
+        params = self._grids()
         flat_values = self._flat_values(latents.dtype)
         chosen = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
         finite = torch.isfinite(latents)
@@ -350,9 +374,11 @@ class LatentQuantize(nn.Module):
         expected = "(b, dim, ...) channel-first" if layout.channel_first else "(b, n, dim) or (b, dim)"
         check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
 
-        latents = self.project_in(layout.to_tokens(x))
-        latents = latents.unflatten(-1, (self.num_codebooks, self.codebook_dim))
-        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
+        tokens = layout.to_tokens(x)
+        # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
+        token_rows = tokens.reshape(-1, self.dim)
+        latents = _project(self.project_in, token_rows)  # (tokens, num_codebooks * codebook_dim)
+        latents = _to_dtype(latents, torch.promote_types(latents.dtype, torch.float32))
 
         in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
         if in_place:
@@ -362,7 +388,9 @@ class LatentQuantize(nn.Module):
         level_indices = self._nearest_level_indices(latents, flat_values)
         chosen = self._values_at(flat_values, level_indices)
 
-        out = self._project_out(_straight_through(latents, chosen.detach()), layout, x.dtype)
+        out = self._project_out(_straight_through(latents, chosen.detach()), x.dtype)
+        out = layout.from_tokens(out.view(tokens.shape))
+        level_indices = level_indices.view(*tokens.shape[:2], self.num_codebooks, self.codebook_dim)
         indices = self._level_indices_to_indices(level_indices)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
@@ -370,23 +398,38 @@ class LatentQuantize(nn.Module):
 
         if not self.training:
             return out, indices, torch.zeros((), device=x.device)
+        return out, indices, self._loss(chosen, token_rows, learn_values=not in_place)
 
-        learn_values_by_backprop = self.optimize_values and not in_place and chosen.requires_grad
-        # same forward values as `out`, but the commitment term reaches only the codes (the chosen grid values),
-        # never the input: through the straight-through path its input gradient would cancel the quantization
-        # term's exactly when the two weights are equal (the reference's encoder gets no gradient from the loss)
-        committed = chosen if learn_values_by_backprop else chosen.detach()
-        out_for_commitment = self._project_out(committed, layout, x.dtype)
-        # the two mean squared errors, over the finite elements only: a NaN/Inf input neither enters the loss nor
-        # sends a NaN gradient to the value grids
-        loss = _CommitmentAndQuantizationLoss.apply(
-            out_for_commitment, x, self.commitment_loss_weight, self.quantization_loss_weight
+    def _loss(self, chosen: Tensor, token_rows: Tensor, learn_values: bool) -> Tensor:
+        """The training loss between the projected codes and the input, one token per row.
+
+        The codes project to the same values as the output, but the commitment term reaches only the chosen
+        grid values and project_out, never the input: through the straight-through path its input gradient
+        would cancel the quantization term's exactly when the two weights are equal (the reference's encoder
+        gets no gradient from the loss). Only finite errors count (see :class:`_CommitmentAndQuantizationLoss`).
+        """
+        dtype = token_rows.dtype
+        learn_values = learn_values and self.optimize_values and chosen.requires_grad
+        committed = _to_dtype(chosen if learn_values else chosen.detach(), dtype)
+        weights = (self.commitment_loss_weight, self.quantization_loss_weight)
+        projection = self.project_out
+        # a plain nn.Linear is applied inside the loss (no intermediate output); anything else first
+        fuse_projection = (
+            _is_plain_linear(projection)
+            and not torch.is_autocast_enabled(token_rows.device.type)
+            and committed.dtype == projection.weight.dtype
+            and (projection.bias is None or projection.bias.dtype == dtype)
         )
-        return out, indices, loss
+        if fuse_projection:
+            return _CommitmentAndQuantizationLoss.apply(
+                committed, token_rows, projection.weight, projection.bias, *weights
+            )
+        projected = self._project_out(committed, dtype)
+        return _CommitmentAndQuantizationLoss.apply(projected, token_rows, None, None, *weights)
 
-    def _project_out(self, codes: Tensor, layout: TokenLayout, dtype: torch.dtype) -> Tensor:
-        """``(b, n, c, d)`` float32 codes -> output in the input's layout and dtype."""
-        return layout.from_tokens(self.project_out(codes.flatten(-2).to(dtype))).to(dtype)
+    def _project_out(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(tokens, num_codebooks * codebook_dim)`` float32 codes -> ``(tokens, dim)`` outputs in ``dtype``."""
+        return _to_dtype(_project(self.project_out, _to_dtype(codes, dtype)), dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -395,23 +438,57 @@ class LatentQuantize(nn.Module):
         )
 
 
-def _first_min_over_levels(distances: Tensor) -> Tensor:
-    """``distances.argmin(0)`` for a short first axis (the grid levels), three to four times faster on CPU.
+def _to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the call (and its overhead) when the dtype is already right."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
-    ``argmin`` along a short axis reads the values one at a time; ``amin`` is vectorised. So the minimum comes
-    from ``amin``, and the first level holding it from the largest of the descending weights ``L - l`` over the
-    levels that hold it. NaN counts as the minimum, as in ``argmin``: a row with a NaN gets its first NaN.
+
+def _project(projection: nn.Module, token_rows: Tensor) -> Tensor:
+    """A projection (``nn.Linear`` or ``nn.Identity``) applied to ``(tokens, features)`` rows.
+
+    A plain ``nn.Linear`` without hooks goes through :func:`token_linear`: the same forward values, a faster
+    backward for the few latent features. Anything else is called as a module (so its hooks run)."""
+    if _is_plain_linear(projection):
+        return token_linear(token_rows, projection.weight, projection.bias)
+    return projection(token_rows)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (not a subclass) whose call would run no hook (its own or a global one), so that its
+    weight and bias can be used directly."""
+    return type(module) is nn.Linear and not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+
+
+def _first_min_over_levels_(distances: Tensor) -> Tensor:
+    """``distances.argmin(0)`` for a short first axis (the grid levels) of non-negative distances, fast on CPU;
+    overwrites ``distances`` (no other large temporary is made).
+
+    ``argmin`` along a short axis reads the values one at a time, and comparisons into bool tensors are slow;
+    ``amin`` and float arithmetic are vectorised. With ``m`` the minimum over levels, level ``l`` gets the key
+    ``l + L sign(d_l - m)``: ``l`` where it holds the minimum, ``l + L`` elsewhere, so the smallest key is the
+    first level holding the minimum. NaN counts as the minimum, as in ``argmin`` (it becomes -1, below every
+    distance); where every distance is infinite, ``inf - inf`` makes all keys NaN and the answer is level 0.
 
     Shape:
         - distances: ``(L, ...)``
         - output: ``(...)`` int64
     """
     num_levels = distances.shape[0]
-    weights = torch.arange(num_levels, 0, -1, dtype=torch.int32, device=distances.device)
-    weights = weights.view(num_levels, *([1] * (distances.ndim - 1)))
-    smallest = distances.amin(0)
-    holds_minimum = (distances == smallest) | distances.isnan()
-    return num_levels - (holds_minimum * weights).amax(0).long()
+    level_numbers = torch.arange(num_levels, dtype=distances.dtype, device=distances.device)
+    level_numbers = level_numbers.view(num_levels, *([1] * (distances.ndim - 1)))
+    keys = distances.nan_to_num_(nan=-1.0, posinf=math.inf)
+    keys.sub_(keys.amin(0)).sign_()  # 0 at the minimum, 1 elsewhere
+    keys = torch.add(level_numbers, keys, alpha=num_levels, out=keys)
+    return torch.nan_to_num(keys.amin(0), nan=0.0).long()
 
 
 def _finite_mse(target: Tensor, prediction: Tensor, finite: Tensor) -> Tensor:
@@ -423,45 +500,75 @@ def _finite_mse(target: Tensor, prediction: Tensor, finite: Tensor) -> Tensor:
 
 
 class _CommitmentAndQuantizationLoss(torch.autograd.Function):
-    """``wc MSE(sg(x), committed) + wq MSE(sg(committed), x)`` over the elements whose error is finite, in one pass.
+    """``wc MSE(sg(x), o) + wq MSE(sg(o), x)`` with ``o = committed W^T + b`` (or ``o = committed`` without a
+    weight), over the elements whose error is finite, in one pass.
 
-    ``committed`` has the output's values, so both terms share the error ``e = committed - x``: the forward is
-    ``(wc + wq) sum(e^2) / m`` and the gradients are ``2 wc e / m`` for ``committed`` and ``-2 wq e / m`` for
-    ``x``, with ``m`` the number of finite errors (at least 1). An element whose error is NaN or infinite (a
-    non-finite input or code) is left out of both terms and gets exactly zero gradient.
+    ``o`` has the output's values, so both terms share the error ``e = o - x``: the forward is
+    ``(wc + wq) sum(e^2) / m`` and the gradients are ``2 wc e / m`` for ``o`` (then through the projection to
+    ``committed``, ``W`` and ``b``) and ``-2 wq e / m`` for ``x``, with ``m`` the number of finite errors (at
+    least 1). An element whose error is NaN or infinite (a non-finite input or code) is left out of both terms
+    and gets exactly zero gradient. Projecting inside saves a ``(tokens, dim)`` intermediate: the error is
+    computed in the projection's output.
 
     Shape:
-        - committed, x: ``(*)``, the same shape
+        - committed: ``(N, k)`` with a weight ``(dim, k)`` and bias ``(dim,)``, else ``(N, dim)``
+        - x: ``(N, dim)``
         - output: ``()`` float32
     """
 
     @staticmethod
-    def forward(ctx, committed: Tensor, x: Tensor, commitment_weight: float, quantization_weight: float) -> Tensor:
-        if committed.stride() != x.stride():
-            # channel-first codes are a view of token-major memory: compute in that layout, so the gradients
-            # reach the projection's token-major matrix products without a transposition
-            x = torch.empty_like(committed, dtype=x.dtype).copy_(x)
-        error = committed.float() - x.float()
-        finite = error.abs() < math.inf  # False for NaN and +-Inf
-        error = torch.where(finite, error, 0.0)
-        count = finite.sum().clamp(min=1)
-        ctx.save_for_backward(error, count)
+    def forward(
+        ctx,
+        committed: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        commitment_weight: Tensor,
+        quantization_weight: Tensor,
+    ) -> Tensor:
+        if weight is None:
+            projected = committed
+        else:
+            projected = torch.mm(committed, weight.t()) if bias is None else torch.addmm(bias, committed, weight.t())
+        if projected.stride() != x.stride():
+            # elementwise arithmetic over two memory layouts is several times slower than over one
+            x = torch.empty_like(projected, dtype=x.dtype).copy_(x)
+        x32 = _to_dtype(x, torch.float32)
+        error = _to_dtype(projected, torch.float32)
+        # subtract in place when the buffer is ours (the projection's output or a float32 copy)
+        error = error.sub_(x32) if error is not committed else error - x32
+        # float arithmetic rather than comparisons (bool outputs are slow on CPU): e - e is 0 for a finite e and
+        # NaN for NaN and +-Inf, so this is 1 exactly where the error is not finite
+        non_finite = (error - error).nan_to_num_(nan=1.0)
+        error = error.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        # a float32 sum of ones is exact up to 2**24; the count itself is taken in float64 and rounded once
+        count = (error.numel() - non_finite.sum().double()).clamp(min=1).float()
+        ctx.save_for_backward(error, count, committed if weight is not None else None, weight)
         ctx.weights = (commitment_weight, quantization_weight)
-        ctx.dtypes = (committed.dtype, x.dtype)
+        ctx.dtypes = (projected.dtype, x.dtype)
+        ctx.has_bias = bias is not None
         flat = error.flatten()
         return (commitment_weight + quantization_weight) * torch.dot(flat, flat) / count
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        error, count = ctx.saved_tensors
+        error, count, committed, weight = ctx.saved_tensors
         commitment_weight, quantization_weight = ctx.weights
-        scaled = error * (2 * grad / count)
-        grad_committed = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_committed = (scaled * commitment_weight).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grad_x = (scaled * -quantization_weight).to(ctx.dtypes[1])
-        return grad_committed, grad_x, None, None
+        needs = ctx.needs_input_grad
+        scale = 2 * grad / count
+        grad_committed = grad_weight = grad_bias = grad_x = None
+        if needs[0] or needs[2] or needs[3]:
+            grad_projected = _to_dtype(error * (scale * commitment_weight), ctx.dtypes[0])
+            if weight is None:
+                grad_committed = grad_projected
+            else:
+                needs_linear = (needs[0], needs[2], ctx.has_bias and needs[3])
+                grad_committed, grad_weight, grad_bias = token_linear_grads(
+                    grad_projected, committed, weight, needs_linear
+                )
+        if needs[1]:
+            grad_x = _to_dtype(error * (scale * -quantization_weight), ctx.dtypes[1])
+        return grad_committed, grad_x, grad_weight, grad_bias, None, None
 
 
 def _straight_through(latents: Tensor, codes: Tensor) -> Tensor:
