@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .core.layout import TokenLayout
+from .core.linear import project
 from .core.radix import (
     INT64_CODEBOOK_LIMIT,
     codebook_size_of,
@@ -415,9 +416,9 @@ class FSQ(nn.Module):
         feature_axis = 1 if channel_first or z.ndim == 2 else -1
         check_feature_size("z", z, feature_axis, self.dim, "(b, d, ...)" if channel_first else "(b, ..., d)")
 
-        tokens = self.project_in(layout.to_tokens(z))
+        tokens = project(self.project_in, layout.to_tokens(z))
         codes, indices = self._quantize_tokens(tokens)
-        out = layout.from_tokens(self.project_out(codes)).to(z.dtype)
+        out = layout.from_tokens(project(self.project_out, codes)).to(z.dtype)
 
         if indices is not None:
             indices = layout.indices_from_tokens(indices)

@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as module_hooks
 from torch.optim import Optimizer
 
 from .core.layout import TokenLayout
-from .core.linear import token_linear, token_linear_grads, transposed_copy
+from .core.linear import is_plain_linear, project, token_linear_grads, transposed_copy
 from .core.validate import (
     check_feature_size,
     check_float,
@@ -377,7 +376,7 @@ class LatentQuantize(nn.Module):
         tokens = layout.to_tokens(x)
         # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
         token_rows = tokens.reshape(-1, self.dim)
-        latents = _project(self.project_in, token_rows)  # (tokens, num_codebooks * codebook_dim)
+        latents = project(self.project_in, token_rows)  # (tokens, num_codebooks * codebook_dim)
         latents = _to_dtype(latents, torch.promote_types(latents.dtype, torch.float32))
 
         in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
@@ -415,7 +414,7 @@ class LatentQuantize(nn.Module):
         projection = self.project_out
         # a plain nn.Linear is applied inside the loss (no intermediate output); anything else first
         fuse_projection = (
-            _is_plain_linear(projection)
+            is_plain_linear(projection)
             and not torch.is_autocast_enabled(token_rows.device.type)
             and committed.dtype == projection.weight.dtype
             and (projection.bias is None or projection.bias.dtype == dtype)
@@ -429,7 +428,7 @@ class LatentQuantize(nn.Module):
 
     def _project_out(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
         """``(tokens, num_codebooks * codebook_dim)`` float32 codes -> ``(tokens, dim)`` outputs in ``dtype``."""
-        return _to_dtype(_project(self.project_out, _to_dtype(codes, dtype)), dtype)
+        return _to_dtype(project(self.project_out, _to_dtype(codes, dtype)), dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -441,31 +440,6 @@ class LatentQuantize(nn.Module):
 def _to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, skipping the call (and its overhead) when the dtype is already right."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _project(projection: nn.Module, token_rows: Tensor) -> Tensor:
-    """A projection (``nn.Linear`` or ``nn.Identity``) applied to ``(tokens, features)`` rows.
-
-    A plain ``nn.Linear`` without hooks goes through :func:`token_linear`: the same forward values, a faster
-    backward for the few latent features. Anything else is called as a module (so its hooks run)."""
-    if _is_plain_linear(projection):
-        return token_linear(token_rows, projection.weight, projection.bias)
-    return projection(token_rows)
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (not a subclass) whose call would run no hook (its own or a global one), so that its
-    weight and bias can be used directly."""
-    return type(module) is nn.Linear and not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-        or module_hooks._global_backward_hooks
-        or module_hooks._global_backward_pre_hooks
-    )
 
 
 def _first_min_over_levels_(distances: Tensor) -> Tensor:

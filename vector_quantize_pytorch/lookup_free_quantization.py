@@ -22,6 +22,7 @@ from .core.distributed import mean_over_ranks
 from .core.entropy import code_entropy, per_sample_entropy, token_weights
 from .core.estimators import straight_through
 from .core.layout import TokenLayout, check_mask
+from .core.linear import project
 from .core.radix import bit_weights, bits_to_index, index_to_bits
 from .core.validate import (
     check_bool,
@@ -390,7 +391,7 @@ class LFQ(nn.Module):
         )
         token_mask = self._token_mask(mask, layout, x.shape[0])
 
-        tokens = self.project_in(layout.to_tokens(x))
+        tokens = project(self.project_in, layout.to_tokens(x))
         if self.soft_clamp_input_value is not None:
             tokens = (tokens / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
 
@@ -411,7 +412,7 @@ class LFQ(nn.Module):
                 out = out @ self.orthogonal_rot.t().to(out.dtype)
             out = out.flatten(-2).to(tokens.dtype)
 
-        out = layout.from_tokens(self.project_out(out)).to(x.dtype)
+        out = layout.from_tokens(project(self.project_out, out)).to(x.dtype)
         indices = layout.indices_from_tokens(indices)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)

@@ -7,6 +7,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
+from .core.linear import project
 from .core.residual import GroupedStacks, ResidualStack, check_layer_kwargs
 from .core.validate import check_bool, check_input, check_int, check_int_sequence
 from .finite_scalar_quantization import FSQ
@@ -131,13 +132,13 @@ class ResidualFSQ(ResidualStack):
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         layout, tokens, _ = self._input_tokens(x, self.is_channel_first)
-        h = self.project_in(tokens)
+        h = project(self.project_in, tokens)
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value.to(h.dtype)
             h = (h / clamp).tanh() * clamp
         with torch.autocast(h.device.type, enabled=False):
             quantized, indices, _, _ = self._quantize_residuals(h.float(), None, rand_quantize_dropout_fixed_seed)
-        out = layout.from_tokens(self.project_out(quantized.to(h.dtype)).to(x.dtype))
+        out = layout.from_tokens(project(self.project_out, quantized.to(h.dtype)).to(x.dtype))
         return self._forward_result(out, layout, indices, return_all_codes=return_all_codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .core.linear import project
 from .core.residual import GroupedStacks, ResidualStack, check_layer_kwargs
 from .core.validate import check_float, check_input, check_int
 from .lookup_free_quantization import LFQ
@@ -102,9 +103,9 @@ class ResidualLFQ(ResidualStack):
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
         layout, tokens, mask = self._input_tokens(x, None, mask)
-        h = self.project_in(tokens)
+        h = project(self.project_in, tokens)
         quantized, indices, losses, _ = self._quantize_residuals(h, mask, rand_quantize_dropout_fixed_seed)
-        out = layout.from_tokens(self.project_out(quantized).to(x.dtype))
+        out = layout.from_tokens(project(self.project_out, quantized).to(x.dtype))
         return self._forward_result(out, layout, indices, losses, return_all_codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .core import estimators
 from .core.codebook import valid_rows
 from .core.layout import TokenLayout
+from .core.linear import project
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
@@ -363,7 +364,7 @@ class ResidualVQ(ResidualStack):
         layout, tokens, mask = self._tokens(x, mask)
         if beam_size is not None:
             check_int("beam_size", beam_size, minimum=1)
-        h = self.project_in(tokens).float()  # residuals in float32 whatever the input dtype; output cast back
+        h = project(self.project_in, tokens).float()  # residuals in float32 whatever the input dtype; output cast back
         layer_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
 
         if indices is not None:
@@ -401,7 +402,7 @@ class ResidualVQ(ResidualStack):
         return not (pending and any(layer._codebook.needs_kmeans_init() for layer in self.layers))
 
     def _output(self, quantized: Tensor, tokens: Tensor, mask: Tensor | None, layout: TokenLayout) -> Tensor:
-        out = self.project_out(quantized).to(tokens.dtype)
+        out = project(self.project_out, quantized).to(tokens.dtype)
         if mask is not None:
             fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens
             out = torch.where(mask.unsqueeze(-1), out, fill)

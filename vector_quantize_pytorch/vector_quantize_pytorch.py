@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .core import distributed, estimators, losses
 from .core.codebook import Codebook, valid_rows
 from .core.layout import TokenLayout, check_mask, lens_to_mask
+from .core.linear import project
 from .core.search import distance_logits, gather_codes, gumbel_noise_like, nearest_codes, sample_codes, topk_codes
 from .core.validate import check_bool, check_float, check_indices, check_int, check_optional_bool
 
@@ -377,7 +378,7 @@ class VectorQuantize(nn.Module):
         return per_head.reshape(1, b * n * self.heads)
 
     def _to_codebook_space(self, tokens: Tensor) -> Tensor:
-        flat = self._split_heads(self.project_in(tokens)).float()
+        flat = self._split_heads(project(self.project_in, tokens)).float()
         return F.normalize(flat, dim=-1) if self.use_cosine_sim else flat
 
     def _inputs(self, x: Tensor, mask: Tensor | None, lens: Tensor | None):
@@ -728,7 +729,7 @@ class VectorQuantize(nn.Module):
         if not self.has_projections:
             return t
         lead = t.shape[:-1]
-        return self.project_out(t.reshape(-1, t.shape[-1])).reshape(*lead, self.dim)
+        return project(self.project_out, t.reshape(-1, t.shape[-1])).reshape(*lead, self.dim)
 
     def _missing(self, indices: Tensor) -> Tensor | None:
         if self.heads > 1:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
-__all__ = ["token_linear", "token_linear_grads", "transposed_copy"]
+__all__ = ["is_plain_linear", "project", "token_linear", "token_linear_grads", "transposed_copy"]
 
 
 def transposed_copy(matrix: Tensor) -> Tensor:
@@ -111,3 +112,37 @@ def token_linear(tokens: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     if plain:
         return F.linear(tokens, weight, bias)
     return _TokenLinear.apply(tokens, weight, bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (not a subclass) whose call would run no hook (its own or a global one), so that its
+    weight and bias can be used directly."""
+    return type(module) is nn.Linear and not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+
+
+def project(projection: nn.Module, tokens: Tensor) -> Tensor:
+    """``projection(tokens)`` for a projection (``nn.Linear``, ``nn.Identity``, any module) on the last axis.
+
+    A plain ``nn.Linear`` without hooks goes through :func:`token_linear` on the rows of ``tokens``: the same
+    forward values, a faster backward when it maps few features to many. Anything else is called as a module
+    (so its hooks run).
+
+    Shape:
+        - tokens: ``(..., in_features)``
+        - output: ``(..., out_features)``
+    """
+    flat_rows_are_a_view = tokens.ndim == 2 or tokens.is_contiguous()
+    if not is_plain_linear(projection) or not torch.is_grad_enabled() or not flat_rows_are_a_view:
+        return projection(tokens)
+    rows = tokens.reshape(-1, tokens.shape[-1])
+    out_features = projection.weight.shape[0]
+    return token_linear(rows, projection.weight, projection.bias).reshape(*tokens.shape[:-1], out_features)
