@@ -57,3 +57,31 @@ def test_train_loss_sums_float_outputs_requiring_grad_only(monkeypatch):
 
     assert len(found) == 3
     assert sum(t.float().mean() for t in found).item() == 2 + 0.5 + 1.5
+
+
+def _run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / name), *args]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_search_chunks_prints_one_row_per_shape(tmp_path):
+    done = _run_script("search_chunks.py", "--shapes", "64x32x8", "128x16x4", "--budgets", "8", "10", "--repeats", "1",
+                       cwd=tmp_path)  # fmt: skip
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 64x32x8") or line.startswith("| 128x16x4")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 5 for row in rows)
+
+
+def test_scaling_reuses_reference_points_from_an_earlier_run(tmp_path):
+    sizes = ["--min-log2-codes", "4", "--max-log2-codes", "5", "--min-log2-tokens", "4", "--max-log2-tokens", "5"]
+    sizes += ["--repeats", "1", "--warmup", "0", "--png", str(tmp_path / "s.png")]
+    first = tmp_path / "first.json"
+    _run_script("scaling.py", "--no-reference", *sizes, "--out", str(first), cwd=tmp_path)
+    earlier = json.loads(first.read_text())
+    earlier["results"]["reference"] = earlier["results"]["ours"]  # stands in for a reference run
+    first.write_text(json.dumps(earlier))
+    second = tmp_path / "second.json"
+    done = _run_script("scaling.py", "--reference-from", str(first), *sizes, "--out", str(second), cwd=tmp_path)
+    assert json.loads(second.read_text())["results"]["reference"] == earlier["results"]["ours"]
+    assert "| 2^4 |" in done.stdout and (tmp_path / "s.png").exists()

@@ -94,7 +94,8 @@ class LFQ(nn.Module):
     (both averaged over codebooks), and ``commitment`` is the MSE between the input and its code.
     ``H_sample`` is exact and O(K) per token (the softmax factorises into per-bit sigmoids
     ``p_k = sigmoid(4 * inv_temperature * s * x_k)``, ``s`` the code value). ``H_batch`` is exact up to
-    ``EXACT_CODE_ENTROPY_MAX_BITS`` bits, computed as one chunked ``2^(K/2) x 2^(K/2)`` product; beyond,
+    ``EXACT_CODE_ENTROPY_MAX_BITS`` bits, streamed over chunks of codes and tokens (peak memory flat in
+    ``K``, time growing as ``tokens x 2^K``); beyond,
     it is the BSQ grouped estimate, an upper bound of the exact value (subadditivity of entropy), so
     ``codebook_size=2**32`` trains. Entropies are exact ``-sum p log p``; the reference clamps ``p`` to
     ``1e-5`` inside the log, which undercounts rare codes (the values agree when every code has

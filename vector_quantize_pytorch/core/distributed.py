@@ -131,7 +131,7 @@ def shared_seed_tensor(device: torch.device | str, sync: bool | None = None) -> 
     return value.reshape(())
 
 
-def _hash32(x: Tensor) -> Tensor:
+def hash32(x: Tensor) -> Tensor:
     """A 32-bit integer mixing function (bijective on ``[0, 2^32)``), in int64 arithmetic without overflow."""
     x = x & _MASK32
     x = ((x ^ (x >> 16)) * 0x045D9F3B) & _MASK32
@@ -156,8 +156,8 @@ def random_row_keys(seed: Tensor, num_rows: int, num_codebooks: int, *, sync: bo
     offset = rank() * num_rows if should_sync(sync) else 0
     rows = torch.arange(num_rows, device=device, dtype=torch.int64) + offset
     books = torch.arange(num_codebooks, device=device, dtype=torch.int64).unsqueeze(-1)
-    stream = _hash32(_hash32(seed) + books * 0x9E3779B9)  # one independent stream per codebook
-    scrambled = _hash32(_hash32(rows) ^ stream)
+    stream = hash32(hash32(seed) + books * 0x9E3779B9)  # one independent stream per codebook
+    scrambled = hash32(hash32(rows) ^ stream)
     return ((scrambled >> 1) << 32) | (rows & _MASK32)
 
 

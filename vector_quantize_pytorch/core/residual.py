@@ -83,8 +83,8 @@ def hashed_draws(seed: Tensor, positions: Tensor) -> Tensor:
     Shape:
         - seed: ``()`` int64, positions: any int64 -> the shape of ``positions``
     """
-    stream = distributed._hash32(distributed._hash32(seed) + _GOLDEN)
-    return distributed._hash32(distributed._hash32(positions + _GOLDEN) ^ stream)
+    stream = distributed.hash32(distributed.hash32(seed) + _GOLDEN)
+    return distributed.hash32(distributed.hash32(positions + _GOLDEN) ^ stream)
 
 
 def first_sample_position(batch: int, device) -> Tensor | int:
