@@ -103,3 +103,11 @@ def test_orthogonal_loss_on_used_codes_equals_loss_on_that_subset():
     used = torch.tensor([[True, False, True, True, False, False]])
     expected = independent_orthogonal(codes[:, used[0]])
     assert losses.orthogonal_loss(codes, used).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_entropy_to_codes_ignores_minus_one_and_is_zero_when_every_target_is_ignored():
+    logits = torch.randn(1, 4, 3)
+    targets = torch.tensor([[0, -1, 2, -1]])
+    expected = torch.nn.functional.cross_entropy(logits[0, [0, 2]], torch.tensor([0, 2]))
+    torch.testing.assert_close(losses.cross_entropy_to_codes(logits, targets), expected)
+    assert losses.cross_entropy_to_codes(logits, torch.full((1, 4), -1)).item() == 0

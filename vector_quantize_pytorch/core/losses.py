@@ -40,13 +40,16 @@ def commitment_loss(x: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor
 
 
 def cross_entropy_to_codes(logits: Tensor, indices: Tensor) -> Tensor:
-    """Cross-entropy of distance logits against target code indices; index -1 is ignored.
+    """Cross-entropy of distance logits against target code indices, averaged over the targets that are not -1
+    (ignored); 0 when every target is ignored (``F.cross_entropy``'s mean would be 0/0 = NaN).
 
     Shape:
         - logits: ``(c, N, K)``, indices: ``(c, N)``
         - output: ``()``
     """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), indices.reshape(-1), ignore_index=-1)
+    targets = indices.reshape(-1)
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-1, reduction="sum")
+    return summed / (targets != -1).sum().clamp(min=1)
 
 
 def entropy(prob: Tensor, eps: float = 1e-5, dim: int = -1) -> Tensor:
