@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core.distributed import mean_over_ranks
+from .core.distributed import mean_over_ranks, should_sync
 from .core.entropy import code_entropy, per_sample_entropy, token_weights
 from .core.estimators import straight_through
 from .core.layout import TokenLayout, check_mask
@@ -342,7 +342,8 @@ class LFQ(nn.Module):
         sample_entropy = per_sample_entropy(bit_logits, sample_weights)
         # distributed: the batch distribution is averaged over the tokens of every rank (differentiably)
         count = token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=bit_logits.device)
-        batch_entropy = code_entropy(bit_logits, weights, reduce_mean=partial(mean_over_ranks, count=count)).mean()
+        reduce_mean = partial(mean_over_ranks, count=count) if should_sync(None) else None
+        batch_entropy = code_entropy(bit_logits, weights, reduce_mean=reduce_mean).mean()
         return sample_entropy, batch_entropy
 
     def _commitment(self, h: Tensor, quantized: Tensor, token_mask: Tensor | None) -> Tensor:

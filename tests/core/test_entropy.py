@@ -188,7 +188,7 @@ def test_reduce_mean_hook_sees_each_mean_distribution():
         return torch.full_like(dist, 1 / max(dist.shape[-1], 1))
 
     assert seen == [] and code_entropy(logits, reduce_mean=uniform, max_exact_bits=4, group_bits=4).shape == (2,)
-    assert seen == [(2, 0), (2, 2**3), (2, 2**4), (2, 2**3)]  # first an empty probe
+    assert seen == [(2, 2**3), (2, 2**4), (2, 2**3)]
     torch.testing.assert_close(
         code_entropy(logits, reduce_mean=uniform), torch.full((2,), 10 * math.log(2), dtype=torch.float64)
     )
@@ -334,9 +334,9 @@ def test_reduce_mean_hook_gets_every_chunk_and_its_gradient_is_used(monkeypatch)
         return 0.5 * dist + 0.5 * dist.detach()
 
     hooked = code_entropy(logits, reduce_mean=half_gradient)
-    assert calls == [(2, 0)] + [(2, 8)] * 16  # an empty probe, then 16 chunks of 8 codes: all 2^7 codes
+    assert calls == [(2, 8)] * 16  # 16 chunks of 8 codes: all 2^7 codes
     (grad_hooked,) = torch.autograd.grad(hooked.sum(), logits)
-    assert calls[17:] == [(2, 8)] * 16  # called again on each chunk by the backward
+    assert calls[16:] == [(2, 8)] * 16  # called again on each chunk by the backward
     torch.testing.assert_close(hooked, plain, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad_hooked, 0.5 * grad_plain, rtol=1e-10, atol=1e-14)
 
@@ -350,24 +350,6 @@ def test_module_constants_are_read_when_called(monkeypatch):
     monkeypatch.setattr(entropy_module, "EXACT_CODE_ENTROPY_MAX_BITS", 7)
     monkeypatch.setattr(entropy_module, "BOUND_GROUP_MAX_BITS", 4)
     torch.testing.assert_close(code_entropy(logits), bound, rtol=1e-12, atol=0)
-
-
-def test_a_hook_that_returns_its_argument_is_probed_once_and_dropped(monkeypatch):
-    force_small_chunks(monkeypatch, code_chunk=2 * 8, table=2 * (4 + 2) * 2)
-    logits = random_logits(6, 2, 7, seed=28).requires_grad_()
-    calls = []
-
-    def single_process_mean(dist):
-        calls.append(tuple(dist.shape))
-        return dist
-
-    value = code_entropy(logits, reduce_mean=single_process_mean)
-    (grad,) = torch.autograd.grad(value.sum(), logits)
-    assert calls == [(2, 0)]
-    expected = brute_force_entropy(brute_force_code_probs(logits).mean(dim=0))
-    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
-    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
 
 
 def test_no_gradient_is_formed_without_autograd():

@@ -337,15 +337,6 @@ def mean_code_distribution(bit_logits: Tensor, weights: Tensor | None = None) ->
     return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
 
-def _returns_its_argument(reduce_mean: Callable[[Tensor], Tensor] | None, like: Tensor) -> bool:
-    """Whether ``reduce_mean`` is absent or hands back the very tensor it gets (as a mean over ranks does in a
-    single process), judged on an empty ``(c, 0)`` probe."""
-    if reduce_mean is None:
-        return True
-    probe = like.new_zeros(like.shape[1], 0)
-    return reduce_mean(probe) is probe
-
-
 def exact_code_entropy(
     bit_logits: Tensor, weights: Tensor, reduce_mean: Callable[[Tensor], Tensor] | None = None
 ) -> Tensor:
@@ -410,9 +401,8 @@ def code_entropy(
         reduce_mean: hook applied to the mean distribution before its entropy is taken, e.g. a
             differentiable all-reduce mean over data-parallel ranks. It gets the distribution one chunk of
             codes at a time, ``(c, codes of the chunk)``, so it must act on each code independently (as a
-            mean over ranks does), and it is called again on each chunk in the backward. It is first
-            called on an empty ``(c, 0)`` tensor: if it returns that very tensor it is taken to change
-            nothing (a mean over ranks in a single process) and is not called again. None: this
+            mean over ranks does), and it is called again on each chunk in the backward (pass None when
+            there is nothing to reduce: the fast path forms the gradient in the forward pass). None: this
             process's tokens only.
         max_exact_bits: largest ``K`` computed exactly; None: ``EXACT_CODE_ENTROPY_MAX_BITS`` at call time.
         group_bits: largest group of the bound; None: ``BOUND_GROUP_MAX_BITS`` at call time.
@@ -431,8 +421,6 @@ def code_entropy(
     if weights is None:
         weights = token_weights(None, bit_logits.shape[0], dtype=bit_logits.dtype, device=bit_logits.device)
     weights = weights.to(bit_logits.dtype)
-    if _returns_its_argument(reduce_mean, bit_logits):
-        reduce_mean = None
     total = None
     for group in bit_groups(bit_logits.shape[-1], max_exact_bits, group_bits):
         group_entropy = exact_code_entropy(bit_logits[..., group], weights, reduce_mean)
