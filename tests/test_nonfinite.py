@@ -500,3 +500,22 @@ def test_a_bad_training_batch_is_handled_without_host_synchronisation(name, devi
     with HostReads() as host:
         module(x)
     assert host.reads == [], host.reads
+
+
+def test_residual_vq_shared_codebook_in_place_optimizer_never_moves_codes_on_an_all_bad_batch():
+    rvq = vqp.ResidualVQ(
+        dim=4,
+        codebook_size=8,
+        num_quantizers=2,
+        shared_codebook=True,
+        learnable_codebook=True,
+        ema_update=False,
+        in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    ).train()
+    for _ in range(2):
+        rvq(torch.randn(2, 6, 4))  # momentum builds up
+    before = rvq.codebooks.detach().clone()
+    rvq(torch.full((2, 6, 4), float("nan")))
+    assert torch.equal(rvq.codebooks, before)
+    rvq(torch.randn(2, 6, 4))
+    assert torch.isfinite(rvq.codebooks).all() and not torch.equal(rvq.codebooks, before)

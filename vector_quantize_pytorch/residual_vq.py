@@ -418,9 +418,6 @@ class ResidualVQ(ResidualStack):
         batch, and dead codes are replaced as one process replaces them.
         """
         first = self.layers[0]
-        if self.vq_is_ema_updating:
-            first._codebook.update_ema()
-        first.update_in_place_optimizer()
         inputs = torch.stack([residual.detach() for residual, _ in residuals], dim=2)  # (b, n, q, d)
         b, n, q, d = inputs.shape
         flat = first._to_codebook_space(inputs.reshape(b, n * q, d))  # (1, b * n * q, d)
@@ -429,7 +426,11 @@ class ResidualVQ(ResidualStack):
         if any(m is not None for m in masks):
             everywhere = torch.ones(b, n, dtype=torch.bool, device=inputs.device)
             mask = torch.stack([everywhere if m is None else m for m in masks], dim=2).reshape(1, -1)
-        first._codebook.expire_codes_(flat, valid_rows(flat, mask))
+        valid = valid_rows(flat, mask)
+        if self.vq_is_ema_updating:
+            first._codebook.update_ema()
+        first.update_in_place_optimizer_if_rows(valid.sum())
+        first._codebook.expire_codes_(flat, valid)
 
     def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
         """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the

@@ -578,13 +578,7 @@ class VectorQuantize(nn.Module):
         loss = losses.commitment_loss(flat.detach(), quantize, valid)
         loss.backward()
         if not self.manual_in_place_optimizer_update:
-            params = [p for p in self._codebook.parameters() if p.requires_grad]
-            before = [p.detach().clone() for p in params]
-            self.update_in_place_optimizer()
-            has_rows = distributed.all_reduce_sum_(valid.sum().float(), sync=self._codebook.sync_codebook) > 0
-            with torch.no_grad():
-                for param, old in zip(params, before):
-                    param.copy_(torch.where(has_rows, param, old))
+            self.update_in_place_optimizer_if_rows(valid.sum())
         codes = self.effective_codes()
         code_indices, _ = self._select_codes(flat, codes, temperature, None)
         return loss.detach(), gather_codes(codes, code_indices), code_indices, codes
@@ -771,6 +765,20 @@ class VectorQuantize(nn.Module):
                     distributed.all_reduce_sum_(param.grad).div_(distributed.world_size())
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
+
+    def update_in_place_optimizer_if_rows(self, num_valid_rows: Tensor) -> None:
+        """:meth:`update_in_place_optimizer`, then the codes it moved are restored when no rank had a valid row
+        (``num_valid_rows`` summed over ranks is 0), so that an optimiser with momentum or weight decay cannot
+        move them on a batch with nothing to learn from. No host synchronisation."""
+        if self.in_place_codebook_optimizer is None:
+            return
+        params = [p for p in self._codebook.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        self.update_in_place_optimizer()
+        total = distributed.all_reduce_sum_(num_valid_rows.detach().float().clone(), sync=self._codebook.sync_codebook)
+        with torch.no_grad():
+            for param, old in zip(params, before):
+                param.copy_(torch.where(total > 0, param, old))
 
     def _flat_from_input(self, x: Tensor) -> tuple[Tensor, TokenLayout, int, int]:
         layout = self._layout(x)
