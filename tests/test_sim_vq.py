@@ -228,3 +228,21 @@ def test_same_seed_same_module_and_loss_gradient_matches_autograd_of_the_formula
     codes = b.frozen_codebook[indices] @ weight.t()
     F.mse_loss(codes, x).backward()
     torch.testing.assert_close(a.code_transform.weight.grad, weight.grad)
+
+
+def test_mask_leaves_masked_tokens_out_of_the_loss_and_its_gradients():
+    torch.manual_seed(0)
+    sim = SimVQ(dim=4, codebook_size=8).train()
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    out, indices, loss = sim(x, mask=mask)
+    kept = x[mask].detach().clone().requires_grad_()
+    _, kept_indices, kept_loss = sim(kept.unsqueeze(0))
+    torch.testing.assert_close(loss, kept_loss)
+    assert torch.equal(indices[mask], kept_indices[0])
+    loss.backward()
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    (kept_grad,) = torch.autograd.grad(kept_loss, kept)
+    torch.testing.assert_close(x.grad[mask], kept_grad)
+    full_loss = sim(x, mask=torch.ones(2, 5, dtype=torch.bool))[2]
+    torch.testing.assert_close(full_loss, sim(x)[2])

@@ -80,7 +80,7 @@ class ResidualSimVQ(ResidualStack):
         return torch.stack([layer.codebook for layer in self.layers])
 
     def _quantize_layer(self, index, residual, mask, *, previous):
-        return self.layers[index](residual)
+        return self.layers[index](residual, mask=mask)
 
     def _layer_codes(self, index, indices, previous) -> Tensor:
         return self.layers[index].indices_to_codes(indices)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import estimators
-from .core.layout import TokenLayout
+from .core import estimators, losses
+from .core.layout import TokenLayout, check_mask
 from .core.search import nearest_codes
 from .core.validate import check_bool, check_feature_size, check_float, check_input, check_int
 
@@ -155,17 +155,24 @@ class SimVQ(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``mask`` (our extension; ``(b, n)`` bool for ``(b, n, d)`` tokens, True = kept) leaves the masked-out
+        tokens out of the commitment loss and its gradients; they are still quantized."""
         layout = self._layout(x)
         tokens = layout.to_tokens(x)
         b, n, d = tokens.shape
         flat = tokens.reshape(b * n, d).float()
+        if mask is not None:
+            mask = check_mask(mask, b, n).reshape(b * n)
 
         codebook = self.implicit_codebook()  # (K, d)
         indices = nearest_codes(flat.detach().unsqueeze(0), codebook.detach().unsqueeze(0))[0]  # (N,)
         quantized = F.embedding(indices, codebook)  # (N, d), differentiable in the transform
 
-        out, loss = self._output_and_loss(flat, quantized)
+        if mask is None:
+            out, loss = self._output_and_loss(flat, quantized)
+        else:
+            out, loss = self._masked_output_and_loss(flat, quantized, mask)
         out = layout.from_tokens(out.reshape(b, n, d).to(x.dtype))
         return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
 
@@ -183,6 +190,18 @@ class SimVQ(nn.Module):
         codebook_term = _mean_squared_error(quantized, flat.detach())
         input_term = _mean_squared_error(flat, quantized.detach())
         return (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
+
+    def _masked_output_and_loss(self, flat: Tensor, quantized: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The output and the commitment loss over the kept tokens only (means over their elements)."""
+        if torch.is_grad_enabled() and flat.requires_grad:
+            estimator = estimators.rotation_trick if self.rotation_trick else estimators.straight_through
+            out = estimator(flat, quantized.detach())
+        else:
+            out = quantized.detach()
+        valid = mask.unsqueeze(0)  # (1, N): one codebook
+        codebook_term = losses.commitment_loss(flat.detach().unsqueeze(0), quantized.unsqueeze(0), valid)
+        input_term = losses.commitment_loss(flat.unsqueeze(0), quantized.detach().unsqueeze(0), valid)
+        return out, (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
 
     def _output_and_loss(self, flat: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor]:
         """Output (forward value exactly ``q``; its gradient reaches the input only, never the transform) and
