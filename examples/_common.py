@@ -357,6 +357,23 @@ def save_curves(curves: dict, path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--train-subset`` and ``--test-subset``: where MNIST is and how much of it to use."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the four MNIST .gz files")
+    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+
+
+def parse_positive_counts(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then refuse counts below 1 (``--steps``, ``--batch-size``, ``--threads`` and the subsets)."""
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "train_subset", "test_subset"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    return args
+
+
 def parse_args(example: Example, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=f"MNIST autoencoder with a quantizer ({example.name}).")
     parser.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
@@ -366,14 +383,8 @@ def parse_args(example: Example, argv: list[str] | None = None) -> argparse.Name
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default out/{example.name}/)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the four MNIST .gz files")
-    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "train_subset", "test_subset"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    add_data_arguments(parser)
+    args = parse_positive_counts(parser, argv)
     if args.out is None:
         args.out = Path("out") / example.name
     return args

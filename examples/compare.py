@@ -32,7 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-from _common import DEFAULT_DATA, Autoencoder, Example, Process, evaluate, load_mnist_images, train
+from _common import (
+    Autoencoder,
+    Example,
+    Process,
+    add_data_arguments,
+    evaluate,
+    load_mnist_images,
+    parse_positive_counts,
+    train,
+)
 
 # isort: split
 # torch after _common, which sets the OpenMP wait policy before torch loads
@@ -241,14 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=Path("out") / "compare", help="output folder (default out/compare/)"
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the four MNIST .gz files")
-    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "train_subset", "test_subset"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    add_data_arguments(parser)
+    args = parse_positive_counts(parser, argv)
     for name in args.quantizers:
         for size in args.sizes:
             problem = check_size(name, size)

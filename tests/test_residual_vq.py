@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from residual_helpers import kept_layers
 
 from vector_quantize_pytorch import GroupedResidualVQ, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ
 
@@ -179,14 +180,6 @@ def test_greedy_search_under_autocast_searches_in_float32():
 
 
 # ---------------------------------------------------------------- quantize dropout
-
-
-def kept_layers(indices):
-    """Number of leading layers with an index, per token: ``(..., q)`` -> ``(...)``; checks -1 is a suffix."""
-    kept = (indices >= 0).sum(-1)
-    positions = torch.arange(indices.shape[-1])
-    assert torch.equal(indices >= 0, positions < kept.unsqueeze(-1))
-    return kept
 
 
 @pytest.mark.parametrize("cutoff_index,multiple_of", [(0, 1), (2, 1), (0, 2), (1, 4), (0, 4)])
