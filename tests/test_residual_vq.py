@@ -458,15 +458,17 @@ def test_beam_score_argument():
         ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_score="best")
 
 
-def test_beam_search_in_token_chunks_equals_one_chunk(monkeypatch):
-    import vector_quantize_pytorch.residual_vq as residual_vq_module
+def test_beam_search_in_token_chunks_equals_one_chunk():
+    from dataclasses import replace
+
+    from vector_quantize_pytorch.core.policy import CPU_POLICY, use_chunk_policy
 
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=6, codebook_size=(5, 16, 16), eval_beam_size=4).eval()
     x = torch.randn(3, 50, 6)
     whole = rvq(x)[1]
-    monkeypatch.setattr(residual_vq_module, "BEAM_CHUNK_SCORES", 500)  # chunks of a few tokens
-    assert torch.equal(rvq(x)[1], whole)
+    with use_chunk_policy(replace(CPU_POLICY, logit_scores=2000)):  # chunks of a few tokens
+        assert torch.equal(rvq(x)[1], whole)
 
 
 def test_training_beam_updates_codebooks_with_the_chosen_indices():

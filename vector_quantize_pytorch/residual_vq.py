@@ -13,14 +13,15 @@ from .core.codebook import valid_rows
 from .core.layout import TokenLayout
 from .core.linear import project
 from .core.residual import GroupedStacks, ResidualStack
-from .core.search import MAX_CHUNK_SCORES, gather_codes, topk_codes
+from .core.policy import chunk_policy
+from .core.search import gather_codes, topk_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize
 
-# Largest number of (path, code) scores of one beam-search chunk. A beam step holds several temporaries of
-# this size (distances, candidate codes, errors); a quarter of the plain search's budget was twice as fast
-# (20k tokens, 256 codes, d = 32, beam 4 and 8, 2 CPU cores).
-BEAM_CHUNK_SCORES = MAX_CHUNK_SCORES // 4
+# A beam step holds several temporaries of its chunk's size (distances, candidate codes, errors); a quarter
+# of the logits budget was twice as fast as the whole of it (20k tokens, 256 codes, d = 32, beam 4 and 8,
+# 2 CPU cores).
+BEAM_BUDGET_FRACTION = 4
 
 
 class MLP(nn.Module):
@@ -248,7 +249,7 @@ class ResidualVQ(ResidualStack):
         a chunk are never built for the whole batch."""
         num_codes, d = base.shape
         r, p = residual.reshape(-1, d), previous.reshape(-1, d)
-        chunk = max(1, MAX_CHUNK_SCORES // (num_codes * d))
+        chunk = max(1, chunk_policy(base.device).logit_scores // (num_codes * d))
         out = []
         for start in range(0, r.shape[0], chunk):
             codes = mlp(base.unsqueeze(0), p[start : start + chunk].unsqueeze(1))  # (t, K, d)
@@ -298,7 +299,8 @@ class ResidualVQ(ResidualStack):
         stops = (torch.full((b,), last_layer, device=h.device) if cutoffs is None else cutoffs.expand(b)).long()
         stops = stops.unsqueeze(-1).expand(b, n).reshape(-1)
         layer_codes = [layer.effective_codes() for layer in self.layers]
-        chunk = max(1, BEAM_CHUNK_SCORES // (beam * max(max(self.codebook_sizes), beam * d)))
+        budget = chunk_policy(h.device).logit_scores // BEAM_BUDGET_FRACTION
+        chunk = max(1, budget // (beam * max(max(self.codebook_sizes), beam * d)))
         with torch.autocast(h.device.type, enabled=False):  # distances in float32 under autocast too
             chunks = [
                 self._beam_search_chunk(flat[s : s + chunk], stops[s : s + chunk], layer_codes, beam)

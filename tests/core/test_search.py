@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vector_quantize_pytorch.core import search
+from vector_quantize_pytorch.core.policy import CPU_POLICY
 from vector_quantize_pytorch.core.search import (
     chunk_sizes,
     distance_logits,
@@ -63,7 +64,7 @@ def test_chunk_budgets_used_above_chunk_as_intended():
     assert chunk_sizes(53, 11, 20) == (20, 1)
     assert chunk_sizes(53, 11, 64) == (53, 1)
     assert chunk_sizes(53, 11, 600) == (53, 2)
-    assert chunk_sizes(53, 11) == (53, 11)
+    assert chunk_sizes(53, 11, CPU_POLICY.search_scores) == (53, 11)
 
 
 def test_nearest_with_token_chunks_and_all_codes_per_chunk():

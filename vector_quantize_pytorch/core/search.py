@@ -18,20 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Largest number of scores held at once by the chunked logits of top-k and sampling (float32: 32 MiB), and
-# the memory budget other modules scale their chunks by.
-MAX_CHUNK_SCORES = 2**23
-# Scores per chunk of the nearest-code search, over all codebooks (float32: 4 MiB). Chosen by measurement
-# (benchmarks/README.md, "Search chunk size"): a chunk's scores are written by the matrix product and read
-# again by the row maximum, which is cheap while the chunk stays in cache; 2^19 to 2^20 was fastest for
-# codebooks of 2^10 to 2^16 codes, larger chunks were up to 25% slower.
-SEARCH_CHUNK_SCORES = 2**20
+from .policy import chunk_policy
+
 # Codes are split into chunks only when fewer tokens than this would fit beside all of them: taller chunks
 # keep the matrix products efficient (256 to 512 was fastest with 2^16 and 2^18 codes).
 MIN_TOKEN_CHUNK = 256
 
 
-def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int = MAX_CHUNK_SCORES) -> tuple[int, int]:
+def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int) -> tuple[int, int]:
     """(token chunk, code chunk) so that one chunk of scores holds at most ``max_scores`` values.
 
     Codes are split only when fewer than ``MIN_TOKEN_CHUNK`` tokens would fit beside all of them.
@@ -41,15 +35,12 @@ def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int = MAX_CHUNK_SCO
     return token_chunk, code_chunk
 
 
-# Codes squared at once by :func:`squared_norms` (float32: 4 MiB), so that its temporary stays flat in K.
-NORM_CHUNK_VALUES = 2**20
-
-
 def squared_norms(codes: Tensor) -> Tensor:
-    """``(c, K, d)`` -> ``(c, K)`` squared l2 norms, squaring at most ``NORM_CHUNK_VALUES`` values at a time
-    (each row is reduced exactly as in one call, so the result does not depend on the chunking)."""
+    """``(c, K, d)`` -> ``(c, K)`` squared l2 norms, squaring at most the policy's ``norm_values`` values at a
+    time so the temporary stays flat in K (each row is reduced exactly as in one call, so the result does not
+    depend on the chunking)."""
     c, num_codes, d = codes.shape
-    chunk = max(1, NORM_CHUNK_VALUES // max(1, c * d))
+    chunk = max(1, chunk_policy(codes.device).norm_values // max(1, c * d))
     if chunk >= num_codes:
         return codes.pow(2).sum(-1)
     return torch.cat([part.pow(2).sum(-1) for part in codes.split(chunk, dim=1)], dim=1)
@@ -95,8 +86,10 @@ def _block_size(num_codes: int) -> int:
     return 0
 
 
-def first_max(scores: Tensor) -> tuple[Tensor, Tensor]:
+def first_max(scores: Tensor, blocked: bool = True) -> tuple[Tensor, Tensor]:
     """Largest value of every row and the index of its first occurrence, like ``scores.max(-1)``.
+
+    With ``blocked=False`` this is ``scores.max(-1)`` itself, one kernel on an accelerator. On a CPU:
 
     ``argmax`` reads a row one value at a time; ``amax`` is vectorised and about ten times faster. So the
     rows are cut into blocks of ``B`` values: the block maxima come from ``amax``, the first block holding
@@ -110,7 +103,7 @@ def first_max(scores: Tensor) -> tuple[Tensor, Tensor]:
         - output: values ``(...)``, indices ``(...)`` int64
     """
     num_codes = scores.shape[-1]
-    block = _block_size(num_codes)
+    block = _block_size(num_codes) if blocked else 0
     if block == 0:
         return scores.max(-1)
     whole = num_codes - num_codes % block
@@ -140,8 +133,9 @@ def nearest_codes(
     Euclidean: the argmax of ``x.e - ||e||^2 / 2`` (``code_sq_norms`` may give ``||e||^2``, or any
     per-code offset ``s`` to score ``2 x.e - s``); cosine: the argmax of ``x.e``. A chunk costs one matrix
     product with the bias folded in (``addmm``, or ``baddbmm`` for several codebooks), written into one
-    scores buffer reused by every chunk, and one :func:`first_max`. ``max_scores`` (default
-    ``SEARCH_CHUNK_SCORES``) bounds the scores held at once over all ``c`` codebooks. No gradient is tracked.
+    scores buffer reused by every chunk, and one :func:`first_max`. ``max_scores`` (default: the device's
+    :func:`~vector_quantize_pytorch.core.policy.chunk_policy` ``search_scores``) bounds the scores held at
+    once over all ``c`` codebooks. No gradient is tracked.
 
     Shape:
         - x: ``(c, N, d)``, codes: ``(c, K, d)``, code_sq_norms: ``(c, K)``
@@ -149,8 +143,9 @@ def nearest_codes(
     """
     c, num_tokens, _ = x.shape
     num_codes = codes.shape[1]
+    policy = chunk_policy(x.device)
     bias = None if cosine else _score_bias(codes, code_sq_norms)
-    budget = max(1, (max_scores or SEARCH_CHUNK_SCORES) // c)
+    budget = max(1, (max_scores or policy.search_scores) // c)
     token_chunk, code_chunk = chunk_sizes(num_tokens, num_codes, budget)
     buffer = torch.empty(c * token_chunk * code_chunk, device=x.device, dtype=x.dtype)
 
@@ -158,13 +153,13 @@ def nearest_codes(
     for start in range(0, num_tokens, token_chunk):
         xs = x[:, start : start + token_chunk]
         if code_chunk >= num_codes:
-            out.append(first_max(_scores_into(buffer, xs, codes, bias))[1])
+            out.append(first_max(_scores_into(buffer, xs, codes, bias), policy.blocked_max)[1])
             continue
         best_score = best_index = None
         for code_start in range(0, num_codes, code_chunk):
             cs = codes[:, code_start : code_start + code_chunk]
             cb = None if bias is None else bias[:, code_start : code_start + code_chunk]
-            score, index = first_max(_scores_into(buffer, xs, cs, cb))
+            score, index = first_max(_scores_into(buffer, xs, cs, cb), policy.blocked_max)
             index = index + code_start
             if best_score is None:
                 best_score, best_index = score, index
@@ -199,7 +194,7 @@ def distance_logits(x: Tensor, codes: Tensor, *, cosine: bool = False, eps: floa
 def _chunked_logits(x: Tensor, codes: Tensor, cosine: bool, max_scores: int | None):
     """Yield ``(token_start, logits chunk)`` over token chunks (all codes at once)."""
     num_tokens, num_codes = x.shape[1], codes.shape[1]
-    token_chunk = max(1, min(num_tokens, (max_scores or MAX_CHUNK_SCORES) // max(1, num_codes)))
+    token_chunk = max(1, min(num_tokens, (max_scores or chunk_policy(x.device).logit_scores) // max(1, num_codes)))
     for start in range(0, num_tokens, token_chunk):
         yield start, distance_logits(x[:, start : start + token_chunk], codes, cosine=cosine)
 
