@@ -12,8 +12,8 @@ from .core import estimators
 from .core.codebook import valid_rows
 from .core.layout import TokenLayout
 from .core.linear import project
-from .core.residual import GroupedStacks, ResidualStack
 from .core.policy import chunk_policy
+from .core.residual import GroupedStacks, ResidualStack
 from .core.search import gather_codes, topk_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize

@@ -18,9 +18,10 @@ every chunked path returns the same indices, ties included, whatever the budgets
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Union
 
 import torch
 
