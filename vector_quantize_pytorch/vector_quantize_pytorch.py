@@ -14,6 +14,7 @@ from .core.codebook import Codebook, valid_rows
 from .core.layout import TokenLayout, check_mask, lens_to_mask
 from .core.linear import project
 from .core.search import distance_logits, gather_codes, gumbel_noise_like, nearest_codes, sample_codes, topk_codes
+from .core.tensors import as_dtype, as_float32, detached
 from .core.validate import check_bool, check_float, check_indices, check_int, check_optional_bool
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -324,8 +325,7 @@ class VectorQuantize(nn.Module):
             - output: ``(num_codebooks, K, codebook_dim)`` float32
         """
         cb = self._codebook
-        codes = cb.embed if self.learnable_codebook else cb.embed.detach()
-        codes = codes.float()
+        codes = as_float32(cb.embed if self.learnable_codebook else detached(cb.embed))
         if self.vq_bridge is not None:
             codes = self.vq_bridge(codes)
         if cb.affine_param:
@@ -378,7 +378,7 @@ class VectorQuantize(nn.Module):
         return per_head.reshape(1, b * n * self.heads)
 
     def _to_codebook_space(self, tokens: Tensor) -> Tensor:
-        flat = self._split_heads(project(self.project_in, tokens)).float()
+        flat = as_float32(self._split_heads(project(self.project_in, tokens)))
         return F.normalize(flat, dim=-1) if self.use_cosine_sim else flat
 
     def _inputs(self, x: Tensor, mask: Tensor | None, lens: Tensor | None):
@@ -411,7 +411,7 @@ class VectorQuantize(nn.Module):
             return scores.argmax(-1), logits
         if sampling:
             return sample_codes(flat.detach(), codes.detach(), temperature, cosine=self.use_cosine_sim), None
-        return nearest_codes(flat.detach(), codes.detach(), cosine=self.use_cosine_sim), None
+        return nearest_codes(flat, codes, cosine=self.use_cosine_sim), None  # no_grad: nothing to detach
 
     def _needs_logits(self) -> bool:
         return self.training and (
@@ -483,9 +483,10 @@ class VectorQuantize(nn.Module):
         breakdown; with ``indices`` given, the cross-entropy path's result."""
         b, n = tokens.shape[:2]
         token_valid = self._token_valid(mask, b, n)
-        valid = valid_rows(flat.detach(), token_valid)
+        rows = detached(flat)
+        valid = valid_rows(rows, token_valid)
         updates_state = self.training and not freeze_codebook
-        self._prepare_codebook(flat.detach(), valid, updates_state)
+        self._prepare_codebook(rows, valid, updates_state)
 
         codes = self.effective_codes()
         if updates_state and not self.learnable_codebook and (self.straight_through or indices is not None):
@@ -499,14 +500,15 @@ class VectorQuantize(nn.Module):
             logits = distance_logits(flat, codes, cosine=self.use_cosine_sim) if self._needs_logits() else None
         quantize = gather_codes(codes, code_indices)
 
-        inplace_loss = self._zero(flat)
+        zero = self._zero(flat)
+        inplace_loss = zero
         if self.in_place_codebook_optimizer is not None and updates_state:
             inplace_loss, quantize, code_indices, codes = self._in_place_optimize(flat, quantize, valid, temperature)
 
         if updates_state and topk is None:
             ema_on = self.ema_update if ema_update is None else ema_update
             self._codebook.update_(
-                flat.detach(),
+                rows,
                 code_indices,
                 valid,
                 ema_update=ema_on,
@@ -514,13 +516,13 @@ class VectorQuantize(nn.Module):
                 accumulate=accum_ema_update,
             )
 
-        commit_quantize = quantize if (self.learnable_codebook and not freeze_codebook) else quantize.detach()
+        commit_quantize = quantize if (self.learnable_codebook and not freeze_codebook) else detached(quantize)
         out = self._route_gradients(flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk)
 
         if indices is not None:
             return self._cross_entropy_path(flat, codes, out, indices, layout, b, n, token_valid, x.dtype)
 
-        breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, token_valid, topk, inplace_loss)
+        breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero)
         loss = self._total_loss(breakdown, topk, b, n, layout, token_valid)
         return out, code_indices, loss, breakdown
 
@@ -586,7 +588,7 @@ class VectorQuantize(nn.Module):
     def _route_gradients(self, flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk):
         if not self.training:
             return quantize
-        out = quantize.detach() if not self.learnable_codebook else quantize
+        out = detached(quantize) if not self.learnable_codebook else quantize
         if self.route_gradients_to_input and flat.requires_grad:
             x = flat.unsqueeze(2).expand_as(quantize) if topk is not None else flat
             if self.straight_through and logits is not None and temperature > 0:
@@ -594,17 +596,16 @@ class VectorQuantize(nn.Module):
                 soft = estimators.gumbel_straight_through(one_hot, logits, temperature)
                 out = estimators.attach_gradient(quantize, torch.bmm(soft, codes.detach()))
             elif self.rotation_trick:
-                out = estimators.rotation_trick(x, quantize.detach())
+                out = estimators.rotation_trick(x, detached(quantize))
             elif self.directional_reparam:
                 out = estimators.directional_reparam(x, quantize, self.directional_reparam_variance)
             else:
-                out = estimators.straight_through(x, quantize.detach())
+                out = estimators.straight_through(x, detached(quantize))
         if self.sync_update_v > 0:
             out = estimators.synchronized_update(out, commit_quantize, self.sync_update_v)
         return out
 
-    def _losses(self, flat, commit_quantize, logits, code_indices, valid, token_valid, topk, inplace_loss):
-        zero = self._zero(flat)
+    def _losses(self, flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero):
         commitment = diversity = orthogonal = zero
         if topk is not None:
             x = flat.unsqueeze(2)
@@ -645,8 +646,9 @@ class VectorQuantize(nn.Module):
             if token_valid is not None:
                 total = total * token_valid.reshape(b, n, 1).to(total.dtype)
             total = layout.indices_from_tokens(total)
-        if self.training:
+        if self.training and self.has_codebook_diversity_loss:
             total = total + breakdown.codebook_diversity * self.codebook_diversity_loss_weight
+        if self.training and self.has_codebook_orthogonal_loss:
             total = total + breakdown.orthogonal_reg * self.orthogonal_reg_weight
         return total
 
@@ -660,7 +662,7 @@ class VectorQuantize(nn.Module):
             q = self._merge_heads(out, b, n).flatten(2)
             idx = self._merge_heads(code_indices, b, n)
             idx = idx[..., 0] if self.heads == 1 else idx
-        q = self._project_out(q.to(dtype)).to(dtype)
+        q = as_dtype(self._project_out(as_dtype(q, dtype)), dtype)
         if mask is not None:
             fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
             if q.ndim == 4:

@@ -64,7 +64,7 @@ def valid_rows(flat: Tensor, mask: Tensor | None) -> Tensor:
 
 def zero_invalid(flat: Tensor, valid: Tensor) -> Tensor:
     """Replace invalid rows by zeros so that ``0 * row`` cannot produce NaN."""
-    return torch.where(valid.unsqueeze(-1), flat, torch.zeros_like(flat))
+    return torch.where(valid.unsqueeze(-1), flat, 0.0)
 
 
 class Codebook(nn.Module):
@@ -148,6 +148,8 @@ class Codebook(nn.Module):
         # statistics accumulated by `accum_ema_update=True` calls, folded into the next update
         self.register_buffer("accum_cluster_size", torch.zeros(num_codebooks, codebook_size), persistent=False)
         self.register_buffer("accum_embed_sum", torch.zeros_like(embed), persistent=False)
+        # whether accum_* hold batches not yet folded into the EMA (a Python flag: no device read per step)
+        self.has_accumulated = False
 
         if affine_param:
             self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
@@ -333,7 +335,7 @@ class Codebook(nn.Module):
             - flat: ``(c, N, d)`` float32, indices: ``(c, N)``, valid: ``(c, N)``
         """
         counts, sums = cluster_statistics(
-            zero_invalid(flat, valid), indices.clamp(min=0), valid.to(flat.dtype), self.codebook_size
+            zero_invalid(flat, valid), indices.clamp(min=0), valid, self.codebook_size, samples_weighted=True
         )
         if distributed.should_sync(self.sync_codebook):  # one all-reduce for counts and sums
             packed = distributed.all_reduce_sum_(torch.cat((counts.unsqueeze(-1), sums), dim=-1))
@@ -341,12 +343,15 @@ class Codebook(nn.Module):
         if accumulate:
             self.accum_cluster_size.add_(counts)
             self.accum_embed_sum.add_(sums)
+            self.has_accumulated = True
             return counts.sum(dim=-1, keepdim=True) > 0
 
-        counts = counts.add_(self.accum_cluster_size)
-        sums = sums.add_(self.accum_embed_sum)
-        self.accum_cluster_size.zero_()
-        self.accum_embed_sum.zero_()
+        if self.has_accumulated:  # fold the accumulated batches in (the buffers are not saved in checkpoints)
+            counts = counts.add_(self.accum_cluster_size)
+            sums = sums.add_(self.accum_embed_sum)
+            self.accum_cluster_size.zero_()
+            self.accum_embed_sum.zero_()
+            self.has_accumulated = False
 
         has_rows = counts.sum(dim=-1, keepdim=True) > 0
         # in place, without (c, K, d) temporaries: a batch without rows gets rate 0, and lerp(a, b, 0) = a

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tensors import as_dtype, detached
+
 
 def attach_gradient(value: Tensor, path: Tensor) -> Tensor:
     """Forward value ``value``; gradient of ``path``. Exact because ``path - path.detach()`` is zero."""
@@ -26,80 +28,56 @@ def straight_through(x: Tensor, q: Tensor) -> Tensor:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half and bfloat16 inputs, float64 kept."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_dot(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
-    """``(a * b).sum(-1, keepdim=True)``, the product written into ``scratch`` when one is given."""
-    product = a * b if scratch is None else torch.mul(a, b, out=scratch)
-    return product.sum(-1, keepdim=True)
+def _antipodal_axis(x: Tensor, inv_x: Tensor) -> Tensor:
+    """``e_j - u_j u`` for ``u = x/|x|`` and ``j`` its coordinate of smallest magnitude: orthogonal to ``u``,
+    of length ``sqrt(1 - u_j^2) >= sqrt(1 - 1/d)``, the reflection axis for opposite ``u`` and ``v``."""
+    axis = x.abs().argmin(dim=-1, keepdim=True)
+    u_j = x.gather(-1, axis) * inv_x
+    t = x * (u_j * inv_x).neg()
+    return t.scatter_add_(-1, axis, torch.ones_like(u_j))
 
 
 def rotation_trick_grad(x: Tensor, q: Tensor, grad: Tensor, eps: float = 1e-6) -> Tensor:
-    """The rotation trick's input gradient ``lambda * R^T g`` row by row (see :func:`rotation_trick`).
+    """The rotation trick's input gradient ``lambda R^T g`` row by row (see :func:`rotation_trick`).
 
-    With ``u = x/|x|``, ``v = q/|q|``, ``s = u + v``, ``R = I - 2 w w^T + 2 v u^T`` and ``w = s/|s|``::
+    With ``u = x/|x|``, ``v = q/|q|``, ``R = I - 2 w w^T + 2 v u^T`` and ``w = s/|s|`` for ``s = u + v``::
 
         R^T g = g - 2 s (s.g) / |s|^2 + 2 u (v.g)
 
-    a few row reductions and one fused pass ``a g + b s + c x``; ``R`` itself is never built, and only two
-    temporaries of the input's size are allocated (``s``, which becomes the result, and one product
-    buffer). When ``u`` and ``v`` are opposite (``|s|`` below ``10 eps``), ``w`` is instead the unit vector
-    along ``e_j - u_j u``, ``e_j`` the first coordinate axis (the second if ``|u_1| > 0.9``: at most one
-    coordinate of a unit vector exceeds 0.9, so ``e_j - u_j u`` has length ``m = sqrt(1 - u_j^2) >= 0.43``)::
-
-        R^T g = g - 2 (w.g) / m e_j + 2 u ((w.g) u_j / m + v.g),     w.g = (g_j - u_j (u.g)) / m
-
+    a handful of row dot products and one fused pass ``g + a s + b x``; ``R`` itself is never built. When
+    ``u`` and ``v`` are opposite (``|s|`` below ``10 eps``), ``s`` is replaced by any vector orthogonal to
+    ``u`` (the same formula then is a 180 degree rotation in the plane of ``u`` and ``s``): ``e_j - u_j u``,
+    with ``e_j`` the axis of ``u``'s smallest coordinate, so its length is at least ``sqrt(1 - 1/d)``.
     When ``|x| < eps`` the result is ``g`` (straight-through). Computed in float32 (float64 for float64
-    inputs); returned in that dtype. ``R`` and ``lambda`` are constants: when ``grad`` requires grad (a
-    double backward), the result is differentiable in ``grad`` (out-of-place arithmetic, no buffers).
+    inputs) and returned in that dtype. ``R`` and ``lambda`` are constants: when ``grad`` requires grad (a
+    double backward), the result is differentiable in ``grad``.
 
     Shape:
         - x, q, grad: ``(..., d)`` (broadcastable to one shape)
         - output: ``(..., d)``
     """
     dtype = _compute_dtype(x.dtype)
-    x, q, g = x.detach().to(dtype), q.detach().to(dtype), grad.to(dtype)
-    x, q, g = torch.broadcast_tensors(x, q, g)
+    x, q, g = (t if t.dtype == dtype else t.to(dtype) for t in (x.detach(), q.detach(), grad))
+    if not x.shape == q.shape == g.shape:
+        x, q, g = torch.broadcast_tensors(x, q, g)
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
-    degenerate = x_norm < eps
-    inv_x = torch.where(degenerate, torch.zeros_like(x_norm), 1.0 / x_norm.clamp(min=eps))
-    inv_q = 1.0 / q_norm.clamp(min=eps)
-    scale = torch.where(degenerate, torch.ones_like(x_norm), q_norm * inv_x)
+    inv_x = x_norm.clamp(min=eps).reciprocal()
+    inv_q = q_norm.clamp(min=eps).reciprocal()
 
-    differentiable = torch.is_grad_enabled() and g.requires_grad
     s = torch.mul(x, inv_x).addcmul_(q, inv_q)  # u + v
-    s_sq = torch.linalg.vector_norm(s, dim=-1, keepdim=True).square()
-    # one product buffer for both row dots in eager mode; compiled code fuses the products into the sums instead
-    # (and dynamo refuses an out= tensor that is not contiguous, as empty_like(s) is for a strided input)
-    scratch = (
-        None
-        if differentiable or torch.compiler.is_compiling()
-        else torch.empty(s.shape, dtype=s.dtype, device=s.device)
-    )
-    u_dot_g = _row_dot(x, g, scratch) * inv_x
-    v_dot_g = _row_dot(q, g, scratch) * inv_q
-    antipodal = (s_sq < (10 * eps) ** 2) & ~degenerate
+    antipodal = torch.linalg.vecdot(s, s, dim=-1).unsqueeze(-1) < (10 * eps) ** 2
+    if x.shape[-1] > 1:
+        s = torch.where(antipodal, _antipodal_axis(x, inv_x), s)
 
-    # the axis e_j used by antipodal rows
-    d = x.shape[-1]
-    j = (x[..., :1] * inv_x).abs().gt(0.9).long() if d > 1 else torch.zeros_like(x_norm, dtype=torch.long)
-    u_j = x.gather(-1, j) * inv_x
-    m = (1.0 - u_j * u_j).clamp(min=0.0).sqrt().clamp(min=eps)
-    w_dot_g = (g.gather(-1, j) - u_j * u_dot_g) / m
-
-    # R^T g = g + s_coef s + u_coef u + axis_coef e_j, then times lambda (= scale)
-    zero = torch.zeros_like(s_sq)
-    s_dot_g = u_dot_g + v_dot_g
-    s_coef = torch.where(antipodal | degenerate, zero, -2.0 * s_dot_g / s_sq.clamp(min=eps * eps))
-    u_coef = 2.0 * torch.where(antipodal, w_dot_g * u_j / m + v_dot_g, v_dot_g)
-    axis_coef = torch.where(antipodal, -2.0 * w_dot_g / m, zero)
-    if differentiable:
-        out = g + s * s_coef + x * (u_coef * inv_x)
-        return out.scatter_add(-1, j, axis_coef) * scale
-    out = s.mul_(s_coef * scale).addcmul_(g, scale).addcmul_(x, u_coef * inv_x * scale)
-    return out.scatter_add_(-1, j, axis_coef * scale)
+    s_sq = torch.linalg.vecdot(s, s, dim=-1).unsqueeze(-1).clamp(min=eps * eps)
+    s_coef = torch.linalg.vecdot(s, g, dim=-1).unsqueeze(-1).div(s_sq).mul(-2.0)
+    x_coef = torch.linalg.vecdot(q, g, dim=-1).unsqueeze(-1).mul(inv_q * inv_x * 2.0)
+    out = g.addcmul(s, s_coef).addcmul_(x, x_coef).mul_(q_norm * inv_x)
+    return torch.where(x_norm < eps, g, out)
 
 
 class _RotationTrick(torch.autograd.Function):
@@ -114,7 +92,7 @@ class _RotationTrick(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, q = ctx.saved_tensors
-        return rotation_trick_grad(x, q, grad, ctx.eps).to(x.dtype), None, None
+        return as_dtype(rotation_trick_grad(x, q, grad, ctx.eps), x.dtype), None, None
 
 
 def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
@@ -140,8 +118,8 @@ def rotation_trick(x: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
         - output: ``(..., d)`` in ``q``'s dtype
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return q.detach().clone()
-    return _RotationTrick.apply(x, q.detach(), eps)
+        return detached(q).clone()
+    return _RotationTrick.apply(x, detached(q), eps)
 
 
 def gumbel_straight_through(one_hot: Tensor, logits: Tensor, temperature: float) -> Tensor:

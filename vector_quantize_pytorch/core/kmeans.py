@@ -72,8 +72,14 @@ def sample_rows(
     return rows.gather(1, slots.unsqueeze(-1).expand(-1, -1, samples.shape[-1]))
 
 
-def cluster_statistics(samples: Tensor, assign: Tensor, weights: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+def cluster_statistics(
+    samples: Tensor, assign: Tensor, weights: Tensor, num_clusters: int, *, samples_weighted: bool = False
+) -> tuple[Tensor, Tensor]:
     """Per-cluster weighted counts and vector sums, by index_add (never a one-hot matrix).
+
+    Args:
+        samples_weighted: the rows of ``samples`` are already multiplied by their weights (e.g. 0/1 weights
+            with the rows of weight 0 zeroed), so they are summed as they are.
 
     Shape:
         - samples: ``(c, N, d)`` (rows with zero weight must be finite), assign: ``(c, N)`` int64,
@@ -81,11 +87,14 @@ def cluster_statistics(samples: Tensor, assign: Tensor, weights: Tensor, num_clu
         - output: counts ``(c, K)``, sums ``(c, K, d)``
     """
     c, n, d = samples.shape
-    flat_assign = (assign + torch.arange(c, device=assign.device).unsqueeze(-1) * num_clusters).reshape(-1)
+    flat_assign = assign.reshape(-1)
+    if c > 1:  # one index space: codebook i's clusters are rows [i K, (i + 1) K)
+        flat_assign = (assign + torch.arange(c, device=assign.device).unsqueeze(-1) * num_clusters).reshape(-1)
     counts = torch.zeros(c * num_clusters, device=samples.device, dtype=samples.dtype)
     counts.index_add_(0, flat_assign, weights.reshape(-1).to(samples.dtype))
+    weighted = samples if samples_weighted else samples * weights.unsqueeze(-1)
     sums = torch.zeros(c * num_clusters, d, device=samples.device, dtype=samples.dtype)
-    sums.index_add_(0, flat_assign, (samples * weights.unsqueeze(-1)).reshape(-1, d))
+    sums.index_add_(0, flat_assign, weighted.reshape(-1, d))
     return counts.view(c, num_clusters), sums.view(c, num_clusters, d)
 
 

@@ -32,11 +32,12 @@ def commitment_loss(x: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor
         - x, q: ``(c, N, d)``, valid: ``(c, N)``
         - output: ``()``
     """
-    diff = x - q
-    if valid is not None:
-        # zero invalid rows before squaring: 0 * (NaN difference) in the backward of pow would give NaN grads
-        diff = torch.where(valid.unsqueeze(-1), diff, torch.zeros_like(diff))
-    return masked_mean(diff.pow(2).mean(-1), valid)
+    if valid is None:
+        return F.mse_loss(x, q)
+    # an invalid row is replaced by its code: its difference is exactly 0 and no NaN reaches a gradient
+    x = torch.where(valid.unsqueeze(-1), x, q)
+    num_values = (valid.sum() * x.shape[-1]).clamp(min=1)
+    return F.mse_loss(x, q, reduction="sum") / num_values
 
 
 def cross_entropy_to_codes(logits: Tensor, indices: Tensor) -> Tensor:

@@ -46,32 +46,29 @@ def squared_norms(codes: Tensor) -> Tensor:
     return torch.cat([part.pow(2).sum(-1) for part in codes.split(chunk, dim=1)], dim=1)
 
 
-def _scores_into(buffer: Tensor, x: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
-    """``x.e + bias`` for tokens ``(c, n, d)`` and codes ``(c, k, d)``, written into ``buffer`` (flat, large
-    enough) and returned as ``(c, n, k)``: one matrix product per codebook (``addmm`` / ``mm`` for a single
-    codebook, ``baddbmm`` / ``bmm`` otherwise), the bias added by the product itself."""
+def _scores_into(buffer: Tensor | None, x: Tensor, codes: Tensor, bias: Tensor | None) -> Tensor:
+    """``x.e + bias`` for tokens ``(c, n, d)`` and codes ``(c, k, d)`` as ``(c, n, k)``: one matrix product per
+    codebook (``addmm`` / ``mm`` for a single codebook, ``baddbmm`` / ``bmm`` otherwise), the bias added by
+    the product itself, written into ``buffer`` (flat, large enough) when one is given."""
     c, n, k = x.shape[0], x.shape[1], codes.shape[1]
-    out = buffer[: c * n * k]
     if c == 1:
-        out2d = out.view(n, k)
+        out2d = None if buffer is None else buffer[: n * k].view(n, k)
         if bias is None:
-            torch.mm(x[0], codes[0].t(), out=out2d)
+            out2d = torch.mm(x[0], codes[0].t(), out=out2d)
         else:
-            torch.addmm(bias[0], x[0], codes[0].t(), out=out2d)
-        return out.view(1, n, k)
-    out3d = out.view(c, n, k)
+            out2d = torch.addmm(bias[0], x[0], codes[0].t(), out=out2d)
+        return out2d.unsqueeze(0)
+    out3d = None if buffer is None else buffer[: c * n * k].view(c, n, k)
     if bias is None:
-        torch.bmm(x, codes.transpose(1, 2), out=out3d)
-    else:
-        torch.baddbmm(bias.unsqueeze(1), x, codes.transpose(1, 2), out=out3d)
-    return out3d
+        return torch.bmm(x, codes.transpose(1, 2), out=out3d)
+    return torch.baddbmm(bias.unsqueeze(1), x, codes.transpose(1, 2), out=out3d)
 
 
 def _score_bias(codes: Tensor, code_sq_norms: Tensor | None) -> Tensor:
     """``-||e||^2 / 2`` per code: ``x.e - ||e||^2 / 2`` is half the Euclidean score ``2 x.e - ||e||^2`` (exactly:
     halving is exact in floating point) and has the same argmax."""
     norms = squared_norms(codes) if code_sq_norms is None else code_sq_norms
-    return norms.to(codes.dtype) * -0.5
+    return (norms if norms.dtype == codes.dtype else norms.to(codes.dtype)) * -0.5
 
 
 def _block_size(num_codes: int) -> int:
@@ -147,6 +144,8 @@ def nearest_codes(
     bias = None if cosine else _score_bias(codes, code_sq_norms)
     budget = max(1, (max_scores or policy.search_scores) // c)
     token_chunk, code_chunk = chunk_sizes(num_tokens, num_codes, budget)
+    if token_chunk >= num_tokens and code_chunk >= num_codes:  # one chunk: no buffer to reuse
+        return first_max(_scores_into(None, x, codes, bias), policy.blocked_max)[1]
     buffer = torch.empty(c * token_chunk * code_chunk, device=x.device, dtype=x.dtype)
 
     out = []
