@@ -1,6 +1,7 @@
 """vector_quantize_pytorch: quantizers to put between an encoder and a decoder."""
 
 from .binary_mapper import BinaryMapper
+from .core.policy import ACCELERATOR_POLICY, CPU_POLICY, ChunkPolicy, chunk_policy, set_chunk_policy, use_chunk_policy
 from .evo_lookup_free_quantization import EvoLFQ
 from .finite_scalar_perturbation import FSP
 from .finite_scalar_quantization import FSQ
@@ -45,4 +46,5 @@ QUANTIZERS = (
 )
 
 __all__ = [cls.__name__ for cls in QUANTIZERS] + ["LossBreakdown", "Sequential", "VectorQuantizer", "LatentQuantizer"]
+__all__ += ["ChunkPolicy", "CPU_POLICY", "ACCELERATOR_POLICY", "chunk_policy", "set_chunk_policy", "use_chunk_policy"]
 __all__ = list(dict.fromkeys(__all__))

@@ -61,7 +61,7 @@ def test_nearest_equals_brute_force_on_ties_lowest_index_wins(max_scores):
 def test_chunk_budgets_used_above_chunk_as_intended():
     # 8 and 20: both tokens and codes chunked; 64 / 600: codes only; default: one chunk
     assert chunk_sizes(53, 11, 8) == (8, 1)
-    assert chunk_sizes(53, 11, 20) == (20, 1)
+    assert chunk_sizes(53, 11, 20) == (18, 1)  # three equal chunks rather than 20 + 20 + 13
     assert chunk_sizes(53, 11, 64) == (53, 1)
     assert chunk_sizes(53, 11, 600) == (53, 2)
     assert chunk_sizes(53, 11, CPU_POLICY.search_scores) == (53, 11)
@@ -69,7 +69,7 @@ def test_chunk_budgets_used_above_chunk_as_intended():
 
 def test_nearest_with_token_chunks_and_all_codes_per_chunk():
     x, codes = random_problem(c=1, n=600, k=3, d=2, seed=7)
-    assert chunk_sizes(600, 3, 768) == (256, 3)
+    assert chunk_sizes(600, 3, 768) == (200, 3)
     assert torch.equal(nearest_codes(x, codes, max_scores=768), brute_force_nearest(x, codes))
 
 
@@ -193,10 +193,10 @@ def test_first_max_treats_nan_as_the_maximum_like_argmax():
 @pytest.mark.parametrize("max_scores", [2**12, 2**17, 2**18, None])
 def test_nearest_with_blocked_maximum_equals_brute_force(max_scores):
     # 1500 codes: rows long enough for the blocked maximum; 2^17 and 2^18 split them into code chunks of
-    # 256 and 512 (blocked too), 2^12 into short chunks
+    # 250 and 500 (blocked too), 2^12 into short chunks
     x, codes = random_problem(c=2, n=300, k=1500, d=4, seed=11)
     if max_scores == 2**18:
-        assert chunk_sizes(300, 1500, max_scores // 2) == (256, 512)
+        assert chunk_sizes(300, 1500, max_scores // 2) == (150, 500)
     assert torch.equal(nearest_codes(x, codes, max_scores=max_scores), brute_force_nearest(x, codes))
 
 

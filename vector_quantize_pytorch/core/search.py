@@ -25,13 +25,29 @@ from .policy import chunk_policy
 MIN_TOKEN_CHUNK = 256
 
 
+def balanced_chunk(total: int, largest: int) -> int:
+    """The size of ``ceil(total / largest)`` nearly equal chunks covering ``total``: never a tiny last chunk.
+
+    Matrix-product libraries compute products of a few rows (measured here: under about 16) with other
+    kernels, in another summation order, than taller ones, so a short last chunk could score a near-tie
+    differently from an unchunked search. Equal chunks keep every chunk at least half the largest, so with
+    budgets of tall chunks (every :mod:`~vector_quantize_pytorch.core.policy` budget) the indices do not
+    depend on the budget; the tests check it.
+    """
+    if total <= largest:
+        return max(1, total)
+    num_chunks = -(-total // largest)
+    return -(-total // num_chunks)
+
+
 def chunk_sizes(num_tokens: int, num_codes: int, max_scores: int) -> tuple[int, int]:
     """(token chunk, code chunk) so that one chunk of scores holds at most ``max_scores`` values.
 
-    Codes are split only when fewer than ``MIN_TOKEN_CHUNK`` tokens would fit beside all of them.
+    Codes are split only when fewer than ``MIN_TOKEN_CHUNK`` tokens would fit beside all of them; both are
+    split into chunks of nearly equal size (:func:`balanced_chunk`).
     """
-    code_chunk = min(num_codes, max(1, max_scores // MIN_TOKEN_CHUNK))
-    token_chunk = max(1, min(num_tokens, max_scores // code_chunk))
+    code_chunk = balanced_chunk(num_codes, max(1, max_scores // MIN_TOKEN_CHUNK))
+    token_chunk = balanced_chunk(num_tokens, max(1, max_scores // code_chunk))
     return token_chunk, code_chunk
 
 
@@ -193,7 +209,8 @@ def distance_logits(x: Tensor, codes: Tensor, *, cosine: bool = False, eps: floa
 def _chunked_logits(x: Tensor, codes: Tensor, cosine: bool, max_scores: int | None):
     """Yield ``(token_start, logits chunk)`` over token chunks (all codes at once)."""
     num_tokens, num_codes = x.shape[1], codes.shape[1]
-    token_chunk = max(1, min(num_tokens, (max_scores or chunk_policy(x.device).logit_scores) // max(1, num_codes)))
+    budget = max_scores or chunk_policy(x.device).logit_scores
+    token_chunk = balanced_chunk(num_tokens, max(1, budget // max(1, num_codes)))
     for start in range(0, num_tokens, token_chunk):
         yield start, distance_logits(x[:, start : start + token_chunk], codes, cosine=cosine)
 
