@@ -389,17 +389,19 @@ def test_loss_sends_the_quantization_term_gradient_to_the_input():
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in quantizer.values_per_latent)
 
 
-def test_first_min_over_levels_equals_argmin_with_ties_nans_and_infinities():
-    from vector_quantize_pytorch.latent_quantization import _first_min_over_levels_
+def test_first_nearest_equals_argmin_with_ties_nans_and_infinities():
+    from vector_quantize_pytorch.latent_quantization import _first_nearest
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
-        distances = torch.randint(0, 4, (5, 7, 3), generator=generator).float()  # many ties
-        distances[torch.rand(distances.shape, generator=generator) < 0.1] = math.nan
-        distances[torch.rand(distances.shape, generator=generator) < 0.1] = math.inf
-        distances[:, 0, 0] = math.inf  # every level infinitely far: the first one
-        distances[:, 1, 0] = math.nan
-        assert torch.equal(_first_min_over_levels_(distances.clone()), distances.argmin(0))
+        grid = torch.randint(-3, 4, (6, 1, 3), generator=generator).float()
+        grid[4:, :, 0] = math.inf  # padding of a shorter grid
+        rows = torch.randint(-6, 7, (40, 3), generator=generator).float() / 2  # many ties half-way
+        rows[torch.rand(rows.shape, generator=generator) < 0.1] = math.nan
+        rows[torch.rand(rows.shape, generator=generator) < 0.1] = math.inf
+        rows[torch.rand(rows.shape, generator=generator) < 0.1] = -math.inf
+        expected = (grid - rows).abs().argmin(0)
+        assert torch.equal(_first_nearest(grid, rows), expected)
 
 
 def plain_autograd_step(lq, x):

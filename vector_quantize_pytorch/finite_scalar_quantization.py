@@ -74,6 +74,11 @@ def floor_ste(x: Tensor) -> Tensor:
 DEFAULT_BOUND_EPS = 1e-3
 
 
+def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call (an operator dispatch) when the dtype is already right."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _check_dtypes(name: str, value) -> tuple[torch.dtype, ...]:
     if isinstance(value, torch.dtype):
         value = (value,)
@@ -241,6 +246,7 @@ class FSQ(nn.Module):
         self._bound_constants = (half_range, offset, shift, torch.atanh(shift))
         self._half_width = (levels // 2).to(half_range.dtype)  # L // 2, exactly, as a float
         self._levels_minus_1 = levels - 1  # int64, as the bound multiplies by it (keeps a bf16 input's dtype)
+        self._lowest_level = torch.zeros_like(levels)  # the lower clamp of level indices, as a tensor like the upper
         self._symmetric_step = 2.0 / self._levels_minus_1  # 2 / (L - 1)
 
     def _apply(self, fn, recurse=True):
@@ -271,7 +277,8 @@ class FSQ(nn.Module):
         return self._bound_levels(z, eps, hard_clamp)[0]
 
     def _bound_levels(self, z: Tensor, eps: float, hard_clamp: bool) -> tuple[Tensor, Tensor]:
-        """:meth:`bound`'s codes and the rounded values ``r`` they are ``r / (L // 2)`` of (no gradient)."""
+        """:meth:`bound`'s codes and the rounded values ``r`` they are ``r / (L // 2)`` of (still attached to the
+        graph: callers only turn them into integers, which carry no gradient)."""
         if eps == DEFAULT_BOUND_EPS:
             half_range, offset, shift, atanh_shift = self._bound_constants
         else:
@@ -285,17 +292,18 @@ class FSQ(nn.Module):
         else:
             bounded = torch.tanh(z + atanh_shift) * half_range - offset
         rounded = round_ste(bounded)
-        return rounded / self._half_width, rounded.detach()
+        return rounded / self._half_width, rounded
 
     def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
         """``2 / (L - 1) * floor((L - 1)(tanh(z) + 1) / 2 + 0.5) - 1`` (arXiv 2411.19842, section 3.2)."""
         return self._symmetric_levels(z, hard_clamp)[0]
 
     def _symmetric_levels(self, z: Tensor, hard_clamp: bool) -> tuple[Tensor, Tensor]:
-        """:meth:`symmetry_preserving_bound`'s codes and their level indices in ``[0, L)`` (no gradient)."""
+        """:meth:`symmetry_preserving_bound`'s codes and their level indices in ``[0, L)`` (as floats still attached
+        to the graph: callers only turn them into integers)."""
         squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
         level_index = floor_ste((self._levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
-        return self._symmetric_step * level_index - 1.0, level_index.detach()
+        return self._symmetric_step * level_index - 1.0, level_index
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize ``(..., codebook_dim)`` to codes of the same shape, straight-through gradient."""
@@ -313,8 +321,8 @@ class FSQ(nn.Module):
         else:
             codes, rounded = self._bound_levels(z, DEFAULT_BOUND_EPS, self.bound_hard_clamp)
             level_index = rounded + self._half_width
-        # out of range only for non-finite inputs; clamped as codes_to_indices clamps them
-        return codes, level_index.long().clamp_(min=0).minimum(self._levels_minus_1)
+        # out of range only for non-finite inputs; clamped into [0, L - 1] as codes_to_indices clamps them
+        return codes, level_index.long().clamp_(self._lowest_level, self._levels_minus_1)
 
     def maybe_apply_noise(self, codes: Tensor) -> Tensor:
         """Noise dropout (training only): see ``noise_dropout``."""
@@ -393,20 +401,34 @@ class FSQ(nn.Module):
         return nullcontext()
 
     def _quantize_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(b, n, c * D)`` projected tokens -> (codes of the same shape and dtype, indices ``(b, n, c)``)."""
+        """Projected tokens -> (codes of the same shape and dtype, indices or None).
+
+        A single codebook quantizes the feature axis as it is; several are split off it and joined back.
+
+        Shape:
+            - tokens: ``(b, n, c * D)``
+            - output: codes ``(b, n, c * D)``, indices ``(b, n, c)``, or ``(b, n)`` when ``c == 1``
+        """
+        grouped = self.num_codebooks > 1
         with self._quantization_context(tokens.device):
             z = tokens
             if self.force_quantization_f32 and z.dtype not in self.allowed_dtypes:
                 z = z.float()
-            z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            if grouped:
+                z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
             if self.orthogonal_rotation:
-                z = z @ self.orthogonal_rot.to(z.dtype)
+                z = z @ _as_dtype(self.orthogonal_rot, z.dtype)
             codes, level_indices = self._quantize_levels(z)
-            indices = digits_to_index(level_indices, self._basis).to(self.index_dtype) if self.return_indices else None
+            indices = None
+            if self.return_indices:
+                # the mixed-radix number of the level indices; each term and the sum fit the index dtype
+                indices = (level_indices * self._basis).sum(-1, dtype=self.index_dtype)
             codes = self.maybe_apply_noise(codes)
             if self.orthogonal_rotation:
-                codes = codes @ self.orthogonal_rot.t().to(codes.dtype)
-            return codes.flatten(-2).to(tokens.dtype), indices
+                codes = codes @ _as_dtype(self.orthogonal_rot, codes.dtype).t()
+            if grouped:
+                codes = codes.flatten(-2)
+            return _as_dtype(codes, tokens.dtype), indices
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Quantize ``z``; returns ``(out, indices)`` (see the class docstring for shapes)."""
@@ -418,10 +440,10 @@ class FSQ(nn.Module):
 
         tokens = project(self.project_in, layout.to_tokens(z))
         codes, indices = self._quantize_tokens(tokens)
-        out = layout.from_tokens(project(self.project_out, codes)).to(z.dtype)
+        out = _as_dtype(layout.from_tokens(project(self.project_out, codes)), z.dtype)
 
         if indices is not None:
             indices = layout.indices_from_tokens(indices)
-            if not self.keep_num_codebooks_dim:
-                indices = indices.squeeze(-1)
+            if self.num_codebooks == 1 and self.keep_num_codebooks_dim:
+                indices = indices.unsqueeze(-1)
         return out, indices
