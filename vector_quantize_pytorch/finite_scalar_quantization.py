@@ -23,6 +23,7 @@ from .core.radix import (
     index_to_digits,
     radix_basis,
 )
+from .core.tensors import as_dtype
 from .core.validate import (
     check_bool,
     check_feature_size,
@@ -72,11 +73,6 @@ def floor_ste(x: Tensor) -> Tensor:
 
 
 DEFAULT_BOUND_EPS = 1e-3
-
-
-def _as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor.to(dtype)``, without the call (an operator dispatch) when the dtype is already right."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _check_dtypes(name: str, value) -> tuple[torch.dtype, ...]:
@@ -417,7 +413,7 @@ class FSQ(nn.Module):
             if grouped:
                 z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
             if self.orthogonal_rotation:
-                z = z @ _as_dtype(self.orthogonal_rot, z.dtype)
+                z = z @ as_dtype(self.orthogonal_rot, z.dtype)
             codes, level_indices = self._quantize_levels(z)
             indices = None
             if self.return_indices:
@@ -425,10 +421,10 @@ class FSQ(nn.Module):
                 indices = (level_indices * self._basis).sum(-1, dtype=self.index_dtype)
             codes = self.maybe_apply_noise(codes)
             if self.orthogonal_rotation:
-                codes = codes @ _as_dtype(self.orthogonal_rot, codes.dtype).t()
+                codes = codes @ as_dtype(self.orthogonal_rot, codes.dtype).t()
             if grouped:
                 codes = codes.flatten(-2)
-            return _as_dtype(codes, tokens.dtype), indices
+            return as_dtype(codes, tokens.dtype), indices
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Quantize ``z``; returns ``(out, indices)`` (see the class docstring for shapes)."""
@@ -440,7 +436,7 @@ class FSQ(nn.Module):
 
         tokens = project(self.project_in, layout.to_tokens(z))
         codes, indices = self._quantize_tokens(tokens)
-        out = _as_dtype(layout.from_tokens(project(self.project_out, codes)), z.dtype)
+        out = as_dtype(layout.from_tokens(project(self.project_out, codes)), z.dtype)
 
         if indices is not None:
             indices = layout.indices_from_tokens(indices)

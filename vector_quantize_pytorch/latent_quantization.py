@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .core.layout import TokenLayout
 from .core.linear import project
+from .core.tensors import as_dtype
 from .core.validate import (
     check_feature_size,
     check_float,
@@ -231,7 +232,7 @@ class LatentQuantize(nn.Module):
 
     def _flat_values(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All grids concatenated, ``(sum(levels),)``; differentiable w.r.t. ``values_per_latent``."""
-        return _to_dtype(torch.cat(self._grids()), dtype)
+        return as_dtype(torch.cat(self._grids()), dtype)
 
     def _padded_grid(self, flat_values: Tensor) -> Tensor:
         """``(max(levels), 1, codebook_dim)`` table of the grids, one per column, padded with +inf (never nearest).
@@ -295,9 +296,9 @@ class LatentQuantize(nn.Module):
     def quantize(self, z: Tensor) -> Tensor:
         """``(..., codebook_dim)`` latents -> nearest grid values, same shape and dtype, straight-through."""
         flat_values = self._flat_values()
-        latents = _to_dtype(z, _compute_dtype(z.dtype))
+        latents = as_dtype(z, _compute_dtype(z.dtype))
         codes = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
-        return _to_dtype(_straight_through(latents, codes.detach()), z.dtype)
+        return as_dtype(_straight_through(latents, codes.detach()), z.dtype)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """``(..., codebook_dim)`` codes -> int32 indices ``(...)``: the nearest value of each current grid."""
@@ -334,10 +335,10 @@ class LatentQuantize(nn.Module):
             ``(codes (b, n, num_codebooks * codebook_dim), out (b, *spatial, dim) or channel-first, indices)``.
         """
         flat_values = self._flat_values()
-        latents = _to_dtype(z, _compute_dtype(z.dtype))
+        latents = as_dtype(z, _compute_dtype(z.dtype))
         level_indices = self._nearest_level_indices(latents, flat_values)
         codes = _straight_through(latents, self._values_at(flat_values, level_indices), to_codes=True)
-        codes = _to_dtype(codes.flatten(-2), z.dtype)
+        codes = as_dtype(codes.flatten(-2), z.dtype)
         spatial = tuple(ps[0])
         out = self.project_out(codes)
         out = out.reshape(out.shape[0], *spatial, out.shape[-1])
@@ -385,7 +386,7 @@ class LatentQuantize(nn.Module):
         # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
         token_rows = tokens.reshape(-1, self.dim)
         latents = project(self.project_in, token_rows)  # (tokens, num_codebooks * codebook_dim)
-        latents = _to_dtype(latents, _compute_dtype(latents.dtype))
+        latents = as_dtype(latents, _compute_dtype(latents.dtype))
 
         in_place = self.in_place_codebook_optimizer is not None and self.training and torch.is_grad_enabled()
         if in_place:
@@ -435,18 +436,13 @@ class LatentQuantize(nn.Module):
 
     def _project_out(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
         """``(tokens, num_codebooks * codebook_dim)`` float32 codes -> ``(tokens, dim)`` outputs in ``dtype``."""
-        return _to_dtype(project(self.project_out, _to_dtype(codes, dtype)), dtype)
+        return as_dtype(project(self.project_out, as_dtype(codes, dtype)), dtype)
 
     def extra_repr(self) -> str:
         return (
             f"levels={self._levels.tolist()}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
             f"codebook_size={self.codebook_size}, optimize_values={self.optimize_values}"
         )
-
-
-def _to_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """``tensor.to(dtype)``, skipping the call (and its overhead) when the dtype is already right."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -494,7 +490,7 @@ class _CommitmentAndQuantizationLoss(torch.autograd.Function):
         if projected.stride() != x.stride():
             # elementwise arithmetic over two memory layouts is several times slower than over one
             x = torch.empty_like(projected, dtype=x.dtype).copy_(x)
-        error = _to_dtype(projected, torch.float32) - _to_dtype(x, torch.float32)
+        error = as_dtype(projected, torch.float32) - as_dtype(x, torch.float32)
         # float arithmetic rather than comparisons (bool outputs are slow on CPU): e - e is 0 for a finite e and
         # NaN for NaN and +-Inf, so this is 1 exactly where the error is not finite
         non_finite = (error - error).nan_to_num_(nan=1.0)
@@ -515,9 +511,9 @@ class _CommitmentAndQuantizationLoss(torch.autograd.Function):
         scale = 2 * grad / count
         grad_projected = grad_x = None
         if needs[0]:
-            grad_projected = _to_dtype(error * (scale * commitment_weight), ctx.dtypes[0])
+            grad_projected = as_dtype(error * (scale * commitment_weight), ctx.dtypes[0])
         if needs[1]:
-            grad_x = _to_dtype(error * (scale * -quantization_weight), ctx.dtypes[1])
+            grad_x = as_dtype(error * (scale * -quantization_weight), ctx.dtypes[1])
         return grad_projected, grad_x, None, None
 
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .core.linear import project
 from .core.residual import GroupedStacks, ResidualStack, check_layer_kwargs
+from .core.tensors import as_dtype
 from .core.validate import check_bool, check_input, check_int, check_int_sequence
 from .finite_scalar_quantization import FSQ
 
@@ -116,6 +117,17 @@ class ResidualFSQ(ResidualStack):
         if bound_hard_clamp:
             soft_clamp_input_value = 1 + 1 / (levels_t - 1)
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
+        self._set_layer_scales()
+
+    def _set_layer_scales(self) -> None:
+        """Every layer's row of ``scales``, as a tuple of views (no indexing operator per layer and call);
+        :meth:`_apply` takes them again from the moved or converted buffer."""
+        self._layer_scales = self.scales.unbind(0)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._set_layer_scales()
+        return self
 
     @property
     def codebooks(self) -> Tensor:
@@ -123,9 +135,9 @@ class ResidualFSQ(ResidualStack):
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
     def _quantize_layer(self, index, residual, mask, *, previous):
-        scale = self.scales[index]
-        quantized, indices = self.layers[index](residual.float() / scale)
-        return (quantized * scale).to(residual.dtype), indices, None
+        scale = self._layer_scales[index]
+        quantized, indices = self.layers[index](as_dtype(residual, torch.float32) / scale)
+        return as_dtype(quantized * scale, residual.dtype), indices, None
 
     def _layer_codes(self, index, indices, previous) -> Tensor:
         return self.layers[index].indices_to_codes(indices, project_out=False).float() * self.scales[index]
@@ -134,11 +146,13 @@ class ResidualFSQ(ResidualStack):
         layout, tokens, _ = self._input_tokens(x, self.is_channel_first)
         h = project(self.project_in, tokens)
         if self.soft_clamp_input_value is not None:
-            clamp = self.soft_clamp_input_value.to(h.dtype)
+            clamp = as_dtype(self.soft_clamp_input_value, h.dtype)
             h = (h / clamp).tanh() * clamp
         with torch.autocast(h.device.type, enabled=False):
-            quantized, indices, _, _ = self._quantize_residuals(h.float(), None, rand_quantize_dropout_fixed_seed)
-        out = layout.from_tokens(project(self.project_out, quantized.to(h.dtype)).to(x.dtype))
+            quantized, indices, _, _ = self._quantize_residuals(
+                as_dtype(h, torch.float32), None, rand_quantize_dropout_fixed_seed
+            )
+        out = layout.from_tokens(as_dtype(project(self.project_out, as_dtype(quantized, h.dtype)), x.dtype))
         return self._forward_result(out, layout, indices, return_all_codes=return_all_codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
