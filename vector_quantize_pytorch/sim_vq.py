@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .core import estimators, losses
 from .core.layout import TokenLayout, check_mask
 from .core.search import nearest_codes
+from .core.tensors import as_dtype, as_float32
 from .core.validate import check_bool, check_feature_size, check_float, check_input, check_int
 
 
@@ -134,7 +135,7 @@ class SimVQ(nn.Module):
                 f"codebook_transform must map the frozen codebook {tuple(self.frozen_codebook.shape)} to "
                 f"(codebook_size, dim) = {(self.codebook_size, self.dim)}, got {got}"
             )
-        return codes.float()
+        return as_float32(codes)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes for indices as forward returns them: equal to the eval forward's output. Index -1 gives a
@@ -161,19 +162,20 @@ class SimVQ(nn.Module):
         layout = self._layout(x)
         tokens = layout.to_tokens(x)
         b, n, d = tokens.shape
-        flat = tokens.reshape(b * n, d).float()
+        flat = as_float32(tokens.reshape(b * n, d))
         if mask is not None:
             mask = check_mask(mask, b, n).reshape(b * n)
 
         codebook = self.implicit_codebook()  # (K, d)
-        indices = nearest_codes(flat.detach().unsqueeze(0), codebook.detach().unsqueeze(0))[0]  # (N,)
+        # the search tracks no gradient: no detached copies needed
+        indices = nearest_codes(flat.unsqueeze(0), codebook.unsqueeze(0))[0]  # (N,)
         quantized = F.embedding(indices, codebook)  # (N, d), differentiable in the transform
 
         if mask is None:
             out, loss = self._output_and_loss(flat, quantized)
         else:
             out, loss = self._masked_output_and_loss(flat, quantized, mask)
-        out = layout.from_tokens(out.reshape(b, n, d).to(x.dtype))
+        out = layout.from_tokens(as_dtype(out.reshape(b, n, d), x.dtype))
         return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
 
     def _layout(self, x: Tensor) -> TokenLayout:
@@ -244,7 +246,7 @@ class _QuantizeWithCommitment(torch.autograd.Function):
         grad_x = grad_q = None
         if needs_x and grad_out is not None:
             grad_x = estimators.rotation_trick_grad(x, q, grad_out) if ctx.rotation else grad_out
-            grad_x = grad_x.to(x.dtype)
+            grad_x = as_dtype(grad_x, x.dtype)
         if grad_loss is None:
             return grad_x, grad_q, None, None, None
         diff = q - x
