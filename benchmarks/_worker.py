@@ -12,8 +12,16 @@ Phases:
         allocator slack does not hide the iteration's demand.
         CUDA: ``max_memory_allocated() - memory_allocated()`` around the iteration.
     ``timing``: build, warm up, then ``repeats`` timed iterations (more until they add up to ``min_time``
-        seconds): wall time (``time.perf_counter``, CUDA synchronised) and the CPU time of the whole process
-        (``time.process_time``, every thread).
+        seconds): wall time (``time.perf_counter``) and the CPU time of the whole process
+        (``time.process_time``, every thread). On CUDA the iteration time is measured with a pair of CUDA
+        events around each iteration (the device is synchronised before each iteration and after it), and the
+        host wall time is kept as ``host_times_ms``.
+    ``both``: ``memory``, then ``timing`` in the same process (``run.py --one-process``).
+    ``opcount``: build, warm up, then the top-level ``aten::`` operators of ONE more iteration, counted with
+        ``torch.profiler`` (see ``op_counts.py``).
+
+``--policy cpu|accelerator`` runs everything under ``vector_quantize_pytorch.core.policy.use_chunk_policy``
+(ours only: the reference has no chunk policy).
 
 The result line is prefixed with ``BENCHMARK_RESULT`` so it can be found among anything the library prints.
 """
@@ -21,6 +29,7 @@ The result line is prefixed with ``BENCHMARK_RESULT`` so it can be found among a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -153,21 +162,85 @@ def measure_memory(step, device) -> dict:
 
 
 def measure_time(step, device, repeats: int, min_seconds: float = 0.0) -> dict:
-    import torch
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """Time ``repeats`` iterations (more until they add up to ``min_seconds``): CUDA events on CUDA, else
+    ``time.perf_counter``; the CPU time of the process is kept in both cases."""
+    if device.type == "cuda":
+        return measure_time_cuda(step, device, repeats, min_seconds)
     times, cpu_times = [], []
     while len(times) < repeats or sum(times) < min_seconds:
-        synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
-        synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    return {"times_ms": [t * 1000 for t in times], "cpu_times_ms": [t * 1000 for t in cpu_times]}
+    return {
+        "times_ms": [t * 1000 for t in times],
+        "cpu_times_ms": [t * 1000 for t in cpu_times],
+        "timer": "perf_counter",
+    }
+
+
+def measure_time_cuda(step, device, repeats: int, min_seconds: float = 0.0) -> dict:
+    """Time iterations on CUDA with a ``torch.cuda.Event(enable_timing=True)`` pair around each one.
+
+    The device is synchronised before each iteration, so no earlier work is queued in front of the start event,
+    and after it, to read the elapsed time. ``times_ms`` are the event times (device time from the first
+    launch to the end of the last kernel, launch gaps included); ``host_times_ms`` the host wall times."""
+    import torch
+
+    times, host_times, cpu_times = [], [], []
+    while len(times) < repeats or sum(times) < min_seconds * 1000:
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        start_event.record()
+        step()
+        end_event.record()
+        torch.cuda.synchronize(device)
+        host_times.append((time.perf_counter() - start) * 1000)
+        cpu_times.append((time.process_time() - cpu_start) * 1000)
+        times.append(start_event.elapsed_time(end_event))
+    return {"times_ms": times, "host_times_ms": host_times, "cpu_times_ms": cpu_times, "timer": "cuda events"}
+
+
+def policy_context(policy: str | None):
+    """``use_chunk_policy(policy)`` of the imported package, or nothing when ``policy`` is None."""
+    if policy is None:
+        return contextlib.nullcontext()
+    from vector_quantize_pytorch.core.policy import use_chunk_policy
+
+    return use_chunk_policy(policy)
+
+
+def build_step(workload, lib, device, quick: bool):
+    """Build ``workload`` with ``lib`` after ``torch.manual_seed(0)`` and move it to ``device``.
+
+    Returns ``(step, module, inputs)``: the one-iteration step (see :func:`make_step`), the module and the tuple
+    of inputs; floating inputs of a training workload require grad."""
+    import torch
+
+    torch.manual_seed(0)
+    module, inputs = workload.build(lib, quick)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    module = module.to(device)
+    inputs = tuple(x.to(device) for x in inputs)
+    if workload.mode == "train":
+        inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
+    return make_step(module, inputs, workload.mode), module, inputs
+
+
+def measure(args, step, device) -> dict:
+    """The measurement of ``args.phase`` on a warmed-up ``step``."""
+    if args.phase == "memory":
+        return measure_memory(step, device)
+    if args.phase == "both":
+        return {**measure_memory(step, device), **measure_time(step, device, args.repeats, args.min_time)}
+    if args.phase == "opcount":
+        from op_counts import count_operators
+
+        counts = count_operators(step)
+        return {"op_total": sum(counts.values()), "op_counts": dict(counts.most_common())}
+    return measure_time(step, device, args.repeats, args.min_time)
 
 
 def run(args) -> dict:
@@ -187,35 +260,27 @@ def run(args) -> dict:
         result["package_version"] = getattr(package, "__version__", None)
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    module, inputs = workload.build(lib, args.quick)
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    module = module.to(device)
-    inputs = tuple(x.to(device) for x in inputs)
-    if workload.mode == "train":
-        inputs = tuple(x.requires_grad_() if x.is_floating_point() else x for x in inputs)
-
-    step = make_step(module, inputs, workload.mode)
-    for _ in range(args.warmup):
-        step()
-    clear_grads(module, inputs)  # so the measured iteration's gradients count as its own memory
-    if args.phase == "memory":
-        result.update(measure_memory(step, device))
-    else:
-        result.update(measure_time(step, device, args.repeats, args.min_time))
+    result["policy"] = args.policy
+    with policy_context(args.policy):
+        step, module, inputs = build_step(workload, lib, device, args.quick)
+        for _ in range(args.warmup):
+            step()
+        clear_grads(module, inputs)  # so the measured iteration's gradients count as its own memory
+        result.update(measure(args, step, device))
     return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True)
-    parser.add_argument("--phase", choices=("memory", "timing"), required=True)
+    parser.add_argument("--phase", choices=("memory", "timing", "both", "opcount"), required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.0, help="keep timing until this many seconds")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--policy", choices=("cpu", "accelerator"), default=None, help="ours: chunk policy")
     parser.add_argument("--repo-root", default=None, help="check where the package was imported from")
     parser.add_argument("--expect-repo", action="store_true", help="the package must come from --repo-root")
     args = parser.parse_args()

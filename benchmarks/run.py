@@ -66,6 +66,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per worker process")
     parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="measure memory and the first timing round in the same worker process (half the process starts; "
+        "fine on CUDA, whose memory comes from the allocator's counters)",
+    )
+    parser.add_argument(
         "--clock",
         choices=CLOCKS,
         default="wall",
@@ -124,10 +130,12 @@ def worker_env(side: Side) -> dict:
     return env
 
 
-def run_worker(side: Side, workload: str, phase: str, args, cwd: str) -> dict:
+def run_worker(side: Side, workload: str, phase: str, args, cwd: str, extra: tuple[str, ...] = ()) -> dict:
+    """Run ``_worker.py`` for one (side, workload, phase) in a fresh process from ``cwd`` and return its result;
+    ``extra`` are more worker options (e.g. ``("--policy", "cpu")``)."""
     command = [side.python, str(WORKER), "--workload", workload, "--phase", phase, "--device", args.device]
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--repo-root", str(REPO_ROOT)]
-    command += ["--min-time", str(args.min_time)]
+    command += ["--min-time", str(args.min_time), *extra]
     command += ["--quick"] * args.quick + ["--expect-repo"] * side.on_repo_path
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -149,14 +157,16 @@ def run_worker(side: Side, workload: str, phase: str, args, cwd: str) -> dict:
 
 def measure_side(side: Side, workload: str, args, cwd: str) -> dict:
     """Memory ``--memory-repeats`` times (a fresh process each, the median is reported); timing rounds are
-    added later by measure_workload."""
-    memory = run_worker(side, workload, "memory", args, cwd)
+    added later by measure_workload. With ``--one-process`` the first memory process also times round 1."""
+    memory = run_worker(side, workload, "both" if args.one_process else "memory", args, cwd)
     entry = {key: memory.get(key) for key in ("status", "error", "package_file", "package_version", "torch")}
     entry.update(peak_mb=memory.get("peak_mb"), memory_method=memory.get("memory_method"), times_ms=[])
     entry["cpu_times_ms"] = []
-    entry["threads"] = memory.get("threads")
+    entry.update(threads=memory.get("threads"), timer=memory.get("timer"))
     if entry["status"] != "ok":
         return entry
+    if args.one_process:
+        add_timing(entry, memory, args)
     samples = [memory["peak_mb"]]
     for _ in range(args.memory_repeats - 1):
         again = run_worker(side, workload, "memory", args, cwd)
@@ -167,11 +177,27 @@ def measure_side(side: Side, workload: str, args, cwd: str) -> dict:
     return entry
 
 
+def add_timing(entry: dict, timing: dict, args) -> None:
+    """Add one timing round's samples to a side's entry and update its medians and minima."""
+    entry["times_ms"] += timing["times_ms"]
+    entry["cpu_times_ms"] += timing.get("cpu_times_ms", [])
+    entry["timer"] = timing.get("timer", entry.get("timer"))
+    entry["wall_ms"] = statistics.median(entry["times_ms"])
+    entry["wall_min_ms"] = min(entry["times_ms"])
+    if entry["cpu_times_ms"]:
+        entry["cpu_ms"] = statistics.median(entry["cpu_times_ms"])
+        entry["cpu_min_ms"] = min(entry["cpu_times_ms"])
+    samples = entry[CLOCKS[args.clock]]
+    entry["time_ms"] = statistics.median(samples)
+    entry["time_min_ms"] = min(samples)
+
+
 def measure_workload(name: str, sides: list[Side], args, cwd: str, log) -> dict:
+    """Memory, then ``--rounds`` timing rounds alternating the sides, each in a fresh worker process."""
     entries = {side.label: measure_side(side, name, args, cwd) for side in sides}
     for side in sides:
         log(f"  {side.label:9s} memory  {describe(entries[side.label], 'peak_mb', 'MB')}")
-    for round_index in range(args.rounds):
+    for round_index in range(1 if args.one_process else 0, args.rounds):
         for side in sides:
             entry = entries[side.label]
             if entry["status"] != "ok":
@@ -180,16 +206,7 @@ def measure_workload(name: str, sides: list[Side], args, cwd: str, log) -> dict:
             if timing["status"] != "ok":
                 entry.update(status=timing["status"], error=timing.get("error"))
                 continue
-            entry["times_ms"] += timing["times_ms"]
-            entry["cpu_times_ms"] += timing.get("cpu_times_ms", [])
-            entry["wall_ms"] = statistics.median(entry["times_ms"])
-            entry["wall_min_ms"] = min(entry["times_ms"])
-            if entry["cpu_times_ms"]:
-                entry["cpu_ms"] = statistics.median(entry["cpu_times_ms"])
-                entry["cpu_min_ms"] = min(entry["cpu_times_ms"])
-            samples = entry[CLOCKS[args.clock]]
-            entry["time_ms"] = statistics.median(samples)
-            entry["time_min_ms"] = min(samples)
+            add_timing(entry, timing, args)
             round_median = statistics.median(timing[CLOCKS[args.clock]])
             log(f"  {side.label:9s} timing  round {round_index + 1}: {round_median:.2f} ms ({args.clock})")
     return {"workload": name, "mode": WORKLOADS[name].mode, **entries}
@@ -268,7 +285,22 @@ def machine_description() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
+def run_meta(args, argv, sides: list[Side], seconds: float) -> dict:
+    """The settings and the machine of a run, for the JSON report."""
+    keys = ("device", "quick", "warmup", "repeats", "min_time", "rounds", "threads", "clock", "memory_repeats")
+    return {
+        **machine_description(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        **{key: getattr(args, key) for key in keys},
+        "one_process": args.one_process,
+        "sides": {side.label: side.python for side in sides},
+        "seconds": round(seconds, 1),
+    }
+
+
 def main(argv=None) -> int:
+    """Measure the selected workloads, print the table, write the JSON; 1 if one of ours failed, 2 if ``--only``
+    matches nothing."""
     args = parse_args(argv)
     # On SIGTERM (e.g. `timeout`), raise so subprocess.run kills the running worker instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -297,6 +329,8 @@ def main(argv=None) -> int:
     table = markdown_table(results)
     print(table)
     clock = "wall clock" if args.clock == "wall" else "CPU time of the worker process"
+    if args.clock == "wall" and args.device.startswith("cuda"):
+        clock = "CUDA event time (device time of each iteration)"
     print(f"\ntimes: medians of {clock}, torch threads: {args.threads or 'default'}")
     ratios = limit_ratios(results)
     if ratios:
@@ -304,21 +338,7 @@ def main(argv=None) -> int:
         print(f"\nlimit ratio ({LIMIT_PAIR[0]} / {LIMIT_PAIR[1]}): {parts}")
 
     report = {
-        "meta": {
-            **machine_description(),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-            "device": args.device,
-            "quick": args.quick,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "min_time": args.min_time,
-            "rounds": args.rounds,
-            "threads": args.threads,
-            "clock": args.clock,
-            "memory_repeats": args.memory_repeats,
-            "sides": {side.label: side.python for side in sides},
-            "seconds": round(time.time() - started, 1),
-        },
+        "meta": run_meta(args, argv, sides, time.time() - started),
         "results": results,
         "limit_ratio": ratios,
         "table": table,

@@ -8,6 +8,7 @@ import sys
 from collections import namedtuple
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,55 @@ def test_scaling_reuses_reference_points_from_an_earlier_run(tmp_path):
     done = _run_script("scaling.py", "--reference-from", str(first), *sizes, "--out", str(second), cwd=tmp_path)
     assert json.loads(second.read_text())["results"]["reference"] == earlier["results"]["ours"]
     assert "| 2^4 |" in done.stdout and (tmp_path / "s.png").exists()
+
+
+def test_op_counts_quick_run_counts_both_policies(tmp_path):
+    out = tmp_path / "counts.json"
+    done = _run_script("op_counts.py", "--quick", "--no-reference", "--only", "fsq_train", "--out", str(out),
+                       cwd=tmp_path)  # fmt: skip
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| fsq_train ")]
+    assert len(rows) == 1
+    cpu, accelerator, reference = (cell.strip() for cell in rows[0][2:5])
+    assert int(cpu) > 0 and int(accelerator) > 0 and reference == "-"
+    result = json.loads(out.read_text())["results"][0]
+    for key in ("ours_cpu", "ours_accelerator"):
+        assert result[key]["status"] == "ok" and result[key]["policy"] == key.removeprefix("ours_")
+        assert sum(result[key]["op_counts"].values()) == result[key]["op_total"]
+
+
+def test_one_process_measures_memory_and_time_in_the_same_worker(tmp_path):
+    out = tmp_path / "results.json"
+    done = _run_script("run.py", "--quick", "--no-reference", "--one-process", "--rounds", "2", "--repeats", "2",
+                       "--only", "matmul", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    assert "| matmul_f32_16384x128x8192 |" in done.stdout
+    ours = json.loads(out.read_text())["results"][0]["ours"]
+    assert ours["status"] == "ok" and ours["peak_mb"] >= 0
+    assert len(ours["times_ms"]) == 4 and ours["timer"] == "perf_counter"  # round 1 in the memory process
+
+
+def test_combined_table_joins_times_and_operator_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from op_counts import combined_table
+
+    ok = {"status": "ok", "time_ms": 2.0, "peak_mb": 4.0}
+    run_report = {"results": [{"workload": "w", "ours": ok, "reference": {**ok, "time_ms": 4.0, "peak_mb": 8.0}}]}
+    counts = {"ours_cpu": {"status": "ok", "op_total": 30}, "ours_accelerator": {"status": "ok", "op_total": 10}}
+    count_report = {"results": [{"workload": "w", **counts, "reference": {"status": "ok", "op_total": 40}}]}
+
+    row = combined_table(run_report, count_report).splitlines()[-1]
+
+    assert [cell.strip() for cell in row.split("|")[1:-1]] == [
+        "w", "2.00", "4.00", "0.50", "4.00", "8.00", "0.50", "30", "10", "40", "0.25"
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_timing_uses_one_event_pair_per_iteration(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _worker import measure_time
+
+    x = torch.randn(256, 256, device="cuda")
+    timing = measure_time(lambda: x @ x, torch.device("cuda"), repeats=3)
+    assert timing["timer"] == "cuda events"
+    assert len(timing["times_ms"]) == len(timing["host_times_ms"]) == 3
+    assert all(t >= 0 for t in timing["times_ms"])
