@@ -9,19 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import estimators
+from .core.beam import beam_search
 from .core.codebook import valid_rows
 from .core.layout import TokenLayout
 from .core.linear import project
 from .core.policy import chunk_policy
 from .core.residual import GroupedStacks, ResidualStack
-from .core.search import gather_codes, topk_codes
+from .core.search import gather_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize
-
-# A beam step holds several temporaries of its chunk's size (distances, candidate codes, errors); a quarter
-# of the logits budget was twice as fast as the whole of it (20k tokens, 256 codes, d = 32, beam 4 and 8,
-# 2 CPU cores).
-BEAM_BUDGET_FRACTION = 4
 
 
 class MLP(nn.Module):
@@ -289,58 +285,16 @@ class ResidualVQ(ResidualStack):
     @torch.no_grad()
     def _beam_search(self, h: Tensor, beam: int, cutoffs: Tensor | None = None) -> Tensor:
         """Indices ``(b, n, q)``: the path with the best beam score (``beam_score``), keeping ``beam`` candidates
-        per token. With quantize dropout ``cutoffs`` (``()`` or ``(b,)``), a token's path ends at its last kept
-        layer (later entries are 0): the beam's state at a layer does not depend on the layers after it, so
-        the best path at that layer is the one a beam stopping there finds. Tokens are searched in chunks, so
-        memory is bounded in their number."""
+        per token (:func:`~vector_quantize_pytorch.core.beam.beam_search`). With quantize dropout ``cutoffs``
+        (``()`` or ``(b,)``), a token's path ends at its last kept layer (later entries are 0)."""
         b, n, d = h.shape
-        flat = h.reshape(-1, d).float()
-        last_layer = self.num_quantizers - 1
-        stops = (torch.full((b,), last_layer, device=h.device) if cutoffs is None else cutoffs.expand(b)).long()
-        stops = stops.unsqueeze(-1).expand(b, n).reshape(-1)
-        layer_codes = [layer.effective_codes() for layer in self.layers]
-        budget = chunk_policy(h.device).logit_scores // BEAM_BUDGET_FRACTION
-        chunk = max(1, budget // (beam * max(max(self.codebook_sizes), beam * d)))
+        stops = None if cutoffs is None else cutoffs.expand(b).long().unsqueeze(-1).expand(b, n).reshape(-1)
+        codes = [layer.effective_codes()[0] for layer in self.layers]
+        cosine = [layer.use_cosine_sim for layer in self.layers]
         with torch.autocast(h.device.type, enabled=False):  # distances in float32 under autocast too
-            chunks = [
-                self._beam_search_chunk(flat[s : s + chunk], stops[s : s + chunk], layer_codes, beam)
-                for s in range(0, len(flat), chunk)
-            ]
-        return torch.cat(chunks).reshape(b, n, self.num_quantizers)
-
-    def _beam_search_chunk(self, x: Tensor, stops: Tensor, layer_codes: list[Tensor], beam: int) -> Tensor:
-        t, d = x.shape
-        residual = x.unsqueeze(1)  # (t, B, d), B = 1 at first
-        scores = torch.zeros(t, 1, device=x.device)
-        paths = torch.zeros(t, 1, 0, dtype=torch.long, device=x.device)
-        chosen = torch.zeros(t, len(layer_codes), dtype=torch.long, device=x.device)
-        last = len(layer_codes) - 1
-        for index, (layer, codes) in enumerate(zip(self.layers, layer_codes)):
-            width = residual.shape[1]
-            k = min(beam, codes.shape[1])
-            r = residual.reshape(1, t * width, d)
-            if layer.use_cosine_sim:
-                r = F.normalize(r, dim=-1)
-            _, candidates = topk_codes(r, codes, k, cosine=layer.use_cosine_sim)
-            q = gather_codes(codes, candidates)  # (1, t*B, k, d)
-            if self.beam_score == "final":
-                # faiss's criterion: the squared error of the reconstruction so far (the next residual)
-                error = (residual.reshape(1, t * width, 1, d) - q).pow(2).mean(-1).reshape(t, width * k)
-                total = -error
-            else:
-                error = (r.unsqueeze(2) - q).pow(2).mean(-1).reshape(t, width * k)
-                total = scores.repeat_interleave(k, dim=1) - self.beam_score_weights[index] * error
-            keep = 1 if index == last else min(beam, width * k)
-            scores, best = total.topk(keep, dim=-1)  # sorted: path 0 is the best so far
-            parent = torch.div(best, k, rounding_mode="floor")
-            q = q.reshape(t, width * k, d).gather(1, best.unsqueeze(-1).expand(-1, -1, d))
-            residual = residual.gather(1, parent.unsqueeze(-1).expand(-1, -1, d)) - q
-            picked = candidates.reshape(t, width * k).gather(1, best)
-            paths = torch.cat((paths.gather(1, parent.unsqueeze(-1).expand(-1, -1, paths.shape[-1])),
-                               picked.unsqueeze(-1)), dim=-1)  # fmt: skip
-            stopping = (stops == index).unsqueeze(-1)
-            chosen[:, : index + 1] = torch.where(stopping, paths[:, 0], chosen[:, : index + 1])
-        return chosen
+            indices = beam_search(h.reshape(-1, d).float(), codes, beam, stops=stops, cosine=cosine,
+                                  score=self.beam_score, weights=self.beam_score_weights)  # fmt: skip
+        return indices.reshape(b, n, self.num_quantizers)
 
     # ------------------------------------------------------------------ forward
 
