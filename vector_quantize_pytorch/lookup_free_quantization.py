@@ -24,6 +24,7 @@ from .core.estimators import straight_through
 from .core.layout import TokenLayout, check_mask
 from .core.linear import project
 from .core.radix import bit_weights, bits_to_index, index_to_bits
+from .core.tensors import as_dtype
 from .core.validate import (
     check_bool,
     check_feature_size,
@@ -40,6 +41,11 @@ LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entrop
 
 MAX_CODEBOOK_BITS = 63  # indices are int64
 CODEBOOK_MAX_CODES = 2**26  # the `codebook` property refuses to enumerate more codes than this
+
+
+def _scaled(t: Tensor, weight: float) -> Tensor:
+    """``t * weight``, without a multiplication when ``weight`` is 1 (the same value)."""
+    return t if weight == 1 else t * weight
 
 
 class CosineSimLinear(nn.Module):
@@ -290,8 +296,8 @@ class LFQ(nn.Module):
 
     def _codes_from_bits(self, bits: Tensor, dtype: torch.dtype) -> Tensor:
         """Bool bits ``(..., K)`` -> quantized values ``(..., K)`` as the forward returns them (pre-rotation)."""
-        value = torch.tensor(self.codebook_scale, dtype=dtype, device=bits.device)
-        return self._maybe_l2norm(torch.where(bits, value, -value))
+        scale = self.codebook_scale  # two kernels and no copy from the host: a fill, then the negated scale
+        return self._maybe_l2norm(torch.full_like(bits, scale, dtype=dtype).where(bits, -scale))
 
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if not self.force_quantization_f32:
@@ -318,8 +324,8 @@ class LFQ(nn.Module):
             indices = indices.unsqueeze(-1)
         codes = self._codes_from_bits(index_to_bits(indices, self.mask), self._compute_dtype(self.dtype))
         if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t().to(codes.dtype)
-        codes = codes.flatten(-2).to(self.dtype)
+            codes = codes @ as_dtype(self.orthogonal_rot.t(), codes.dtype)
+        codes = as_dtype(codes.flatten(-2), self.dtype)
         if project_out:
             codes = self.project_out(codes)
         return codes.movedim(-1, 1) if transpose else codes
@@ -340,9 +346,10 @@ class LFQ(nn.Module):
             subset = sample_token_subset(token_mask, num_tokens, self.frac_per_sample_entropy, bit_logits.device)
             sample_weights = token_weights(subset, num_tokens, dtype=bit_logits.dtype, device=bit_logits.device)
         sample_entropy = per_sample_entropy(bit_logits, sample_weights)
-        # distributed: the batch distribution is averaged over the tokens of every rank (differentiably)
-        count = token_mask.sum() if token_mask is not None else torch.tensor(num_tokens, device=bit_logits.device)
-        reduce_mean = partial(mean_over_ranks, count=count) if should_sync(None) else None
+        reduce_mean = None
+        if should_sync(None):  # the batch distribution is averaged over the tokens of every rank (differentiably)
+            count = token_mask.sum() if token_mask is not None else torch.full((), num_tokens, device=h.device)
+            reduce_mean = partial(mean_over_ranks, count=count)
         batch_entropy = code_entropy(bit_logits, weights, reduce_mean=reduce_mean).mean()
         return sample_entropy, batch_entropy
 
@@ -359,11 +366,14 @@ class LFQ(nn.Module):
         sample_entropy = batch_entropy = entropy_loss = zero
         if self.entropy_loss_weight > 0 or need_entropies:
             sample_entropy, batch_entropy = self._entropy_terms(h, token_mask, inv_temperature)
-            entropy_loss = sample_entropy - self.diversity_gamma * batch_entropy
+            entropy_loss = sample_entropy - _scaled(batch_entropy, self.diversity_gamma)
             if self.experimental_softplus_entropy_loss:
                 entropy_loss = F.softplus(entropy_loss + self.entropy_loss_offset)
-        commitment = self._commitment(h, quantized, token_mask) if self.commitment_loss_weight > 0 else zero
-        aux_loss = entropy_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
+        aux_loss = entropy_loss * self.entropy_loss_weight
+        commitment = zero
+        if self.commitment_loss_weight > 0:  # a zero term would add nothing but kernels
+            commitment = self._commitment(h, quantized, token_mask)
+            aux_loss = aux_loss + commitment * self.commitment_loss_weight
         return aux_loss, LossBreakdown(sample_entropy, batch_entropy, commitment)
 
     # forward
@@ -399,9 +409,10 @@ class LFQ(nn.Module):
 
         context = torch.autocast(tokens.device.type, enabled=False) if self.force_quantization_f32 else nullcontext()
         with context:
-            h = tokens.to(self._compute_dtype(tokens.dtype)).unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            h = as_dtype(tokens, self._compute_dtype(tokens.dtype))
+            h = h.unflatten(-1, (self.num_codebooks, self.codebook_dim))
             if self.orthogonal_rotation:
-                h = h @ self.orthogonal_rot.to(h.dtype)
+                h = h @ as_dtype(self.orthogonal_rot, h.dtype)
             h = self._maybe_l2norm(h)
 
             bits = h > 0
@@ -411,10 +422,10 @@ class LFQ(nn.Module):
             aux_loss, breakdown = self._aux_losses(h, quantized, token_mask, inv_temperature, return_loss_breakdown)
 
             if self.orthogonal_rotation:
-                out = out @ self.orthogonal_rot.t().to(out.dtype)
-            out = out.flatten(-2).to(tokens.dtype)
+                out = out @ as_dtype(self.orthogonal_rot.t(), out.dtype)
+            out = as_dtype(out.flatten(-2), tokens.dtype)
 
-        out = layout.from_tokens(project(self.project_out, out)).to(x.dtype)
+        out = as_dtype(layout.from_tokens(project(self.project_out, out)), x.dtype)
         indices = layout.indices_from_tokens(indices)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)

@@ -1,5 +1,8 @@
 """LFQ/BSQ entropy math: every value against a brute-force float64 enumeration of the 2^K codes."""
 
+import collections
+import contextlib
+import dataclasses
 import itertools
 import math
 
@@ -19,6 +22,7 @@ from vector_quantize_pytorch.core.entropy import (
     per_sample_entropy,
     token_weights,
 )
+from vector_quantize_pytorch.core.policy import ACCELERATOR_POLICY, CPU_POLICY, use_chunk_policy
 
 
 def brute_force_code_probs(bit_logits):
@@ -122,27 +126,32 @@ def test_everything_masked_gives_zero_not_nan():
     assert per_sample_entropy(logits, weights).item() == 0.0
 
 
-def test_chunked_computation_equals_single_chunk(monkeypatch):
+def entropy_budgets(table=CPU_POLICY.entropy_table, codes=CPU_POLICY.entropy_codes):
+    """The CPU policy with other LFQ-entropy budgets (``entropy_table``, ``entropy_codes``), for a block."""
+    return use_chunk_policy(dataclasses.replace(CPU_POLICY, entropy_table=table, entropy_codes=codes))
+
+
+def test_chunked_computation_equals_single_chunk():
     logits = random_logits(23, 2, 6, seed=7).requires_grad_()
     weights = torch.rand(23, dtype=torch.float64)
     weights = weights / weights.sum()
     single = code_entropy(logits, weights)
     (grad_single,) = torch.autograd.grad(single.sum(), logits)
-    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * (8 + 8) * 5)  # 5 tokens per chunk
-    chunked = code_entropy(logits, weights)
-    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    with entropy_budgets(table=2 * (8 + 8) * 5):  # 5 tokens per chunk
+        chunked = code_entropy(logits, weights)
+        (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(chunked, single, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad_chunked, grad_single, rtol=1e-10, atol=1e-14)
 
 
-def test_gradients_match_finite_differences(monkeypatch):
-    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", 2 * (4 + 8) * 3)  # also exercise the chunked backward
+def test_gradients_match_finite_differences():
     logits = random_logits(7, 2, 5, scale=1.0, seed=8).requires_grad_()
     weights = torch.rand(7, dtype=torch.float64)
     weights = weights / weights.sum()
-    assert torch.autograd.gradcheck(lambda t: mean_code_distribution(t, weights), (logits,))
-    assert torch.autograd.gradcheck(lambda t: code_entropy(t, weights), (logits,))
-    assert torch.autograd.gradcheck(lambda t: per_sample_entropy(t, weights), (logits,))
+    with entropy_budgets(table=2 * (4 + 8) * 3):  # also exercise the chunked backward
+        assert torch.autograd.gradcheck(lambda t: mean_code_distribution(t, weights), (logits,))
+        assert torch.autograd.gradcheck(lambda t: code_entropy(t, weights), (logits,))
+        assert torch.autograd.gradcheck(lambda t: per_sample_entropy(t, weights), (logits,))
 
 
 def test_gradient_equals_gradient_of_enumeration():
@@ -197,9 +206,12 @@ def test_reduce_mean_hook_sees_each_mean_distribution():
 # ---------------------------------------------------------------- the exact entropy streamed over chunks of codes
 
 
-def force_small_chunks(monkeypatch, code_chunk, table):
-    monkeypatch.setattr(entropy_module, "CODE_CHUNK_BUDGET", code_chunk)
-    monkeypatch.setattr(entropy_module, "TABLE_BUDGET", table)
+@pytest.fixture
+def force_small_chunks():
+    """``force_small_chunks(code_chunk, table)`` gives the CPU policy these LFQ-entropy budgets (``entropy_codes``,
+    ``entropy_table``) until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda code_chunk, table: stack.enter_context(entropy_budgets(table=table, codes=code_chunk))
 
 
 def weighted_enumeration(logits, weights):
@@ -216,20 +228,20 @@ def test_chunking_plan_respects_the_budgets_and_covers_every_code():
         chunking = CodeChunking.plan(num_codebooks, num_bits)
         assert chunking.low_bits + chunking.mid_bits + chunking.top_bits == num_bits
         assert min(chunking) >= 0 and chunking.token_chunk >= 1
-        assert num_codebooks * 2 ** (chunking.low_bits + chunking.mid_bits) <= entropy_module.CODE_CHUNK_BUDGET
+        assert num_codebooks * 2 ** (chunking.low_bits + chunking.mid_bits) <= CPU_POLICY.entropy_codes
     chunks_of_24_bits = CodeChunking.plan(1, 24)
     assert chunks_of_24_bits[:3] == (9, 9, 6)  # 64 chunks of 2^18 codes
-    assert chunks_of_24_bits.token_chunk == entropy_module.TABLE_BUDGET // (2 * 2**9)
+    assert chunks_of_24_bits.token_chunk == CPU_POLICY.entropy_table // (2 * 2**9)
 
 
-def test_streamed_value_and_gradient_equal_the_unchunked_ones(monkeypatch):
+def test_streamed_value_and_gradient_equal_the_unchunked_ones(force_small_chunks):
     logits = random_logits(13, 2, 9, seed=20).requires_grad_()
     weights = random_weights(13, seed=20)
     assert CodeChunking.plan(2, 9).num_chunks == 1  # default budgets: one chunk, one token chunk
     single = code_entropy(logits, weights)
     (grad_single,) = torch.autograd.grad(single.sum(), logits)
 
-    force_small_chunks(monkeypatch, code_chunk=2 * 16, table=2 * (4 + 4) * 3)
+    force_small_chunks(code_chunk=2 * 16, table=2 * (4 + 4) * 3)
     chunking = CodeChunking.plan(2, 9)
     assert chunking.num_chunks == 32 and chunking.token_chunk == 3  # 32 code chunks x 5 token chunks
     streamed = code_entropy(logits, weights)
@@ -241,8 +253,8 @@ def test_streamed_value_and_gradient_equal_the_unchunked_ones(monkeypatch):
 
 
 @pytest.mark.parametrize("num_bits", [3, 7])
-def test_streamed_mean_distribution_lists_codes_in_index_order(monkeypatch, num_bits):
-    force_small_chunks(monkeypatch, code_chunk=4, table=6)
+def test_streamed_mean_distribution_lists_codes_in_index_order(force_small_chunks, num_bits):
+    force_small_chunks(code_chunk=4, table=6)
     logits = random_logits(7, 1, num_bits, seed=21)
     weights = random_weights(7, seed=21)
     assert CodeChunking.plan(1, num_bits).num_chunks == 2 ** (num_bits - 2)
@@ -250,9 +262,9 @@ def test_streamed_mean_distribution_lists_codes_in_index_order(monkeypatch, num_
     torch.testing.assert_close(dist, weighted_enumeration(logits, weights), rtol=1e-10, atol=1e-15)
 
 
-def test_streamed_gradients_pass_gradcheck_and_equal_autograd_of_the_enumeration(monkeypatch):
+def test_streamed_gradients_pass_gradcheck_and_equal_autograd_of_the_enumeration(force_small_chunks):
     # 8 code chunks of 4 codes (1 low, 1 mid, 3 top bits) and token chunks of 2: every path of the backward
-    force_small_chunks(monkeypatch, code_chunk=2 * 4, table=2 * (2 + 2) * 2)
+    force_small_chunks(code_chunk=2 * 4, table=2 * (2 + 2) * 2)
     logits = random_logits(5, 2, 5, scale=1.0, seed=22).requires_grad_()
     weights = random_weights(5, seed=22)
     assert CodeChunking.plan(2, 5) == (1, 1, 3, 2)
@@ -266,15 +278,15 @@ def test_streamed_gradients_pass_gradcheck_and_equal_autograd_of_the_enumeration
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
 
 
-def test_streamed_float32_equals_float64_enumeration(monkeypatch):
-    force_small_chunks(monkeypatch, code_chunk=64, table=64)
+def test_streamed_float32_equals_float64_enumeration(force_small_chunks):
+    force_small_chunks(code_chunk=64, table=64)
     logits = random_logits(40, 1, 12, seed=23, dtype=torch.float32)
     expected = brute_force_entropy(brute_force_code_probs(logits).mean(dim=0))
     torch.testing.assert_close(code_entropy(logits).double(), expected, rtol=1e-5, atol=0)
 
 
-def test_streamed_entropy_with_mask_and_all_masked(monkeypatch):
-    force_small_chunks(monkeypatch, code_chunk=8, table=16)
+def test_streamed_entropy_with_mask_and_all_masked(force_small_chunks):
+    force_small_chunks(code_chunk=8, table=16)
     logits = random_logits(9, 1, 6, seed=24)
     mask = torch.tensor([True, False, True, True, False, True, True, False, True])
     garbage = logits.clone().requires_grad_()
@@ -309,9 +321,45 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the calls of each aten operator."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_accelerator_policy_plans_one_chunk_of_codes_and_of_tokens():
+    assert CodeChunking.plan(1, 16, "meta") == (8, 8, 0, ACCELERATOR_POLICY.entropy_table // 2**9)  # not a CPU
+    assert CodeChunking.plan(1, 24, "meta")[:3] == (12, 12, 0)  # every exact size is one chunk of codes
+    assert CodeChunking.plan(1, 16, "cpu") == CodeChunking.plan(1, 16)
+    with use_chunk_policy("accelerator"):
+        assert CodeChunking.plan(1, 16, "cpu") == CodeChunking.plan(1, 16, "meta")
+
+
+def test_accelerator_policy_gives_the_streamed_values_in_one_pass(force_small_chunks):
+    logits = random_logits(300, 1, 10, seed=30).requires_grad_()
+    weights = random_weights(300, seed=30)
+    with use_chunk_policy("accelerator"), OperatorCount() as ops:
+        value = code_entropy(logits, weights)
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+    # one of each product, no loop over chunks: the mean, the entropy's dot product (einsum), the gradients
+    # of the two tables; none accumulated over chunks of tokens
+    assert ops.counts["bmm"] == 4 and ops.counts["baddbmm_"] == 0
+    force_small_chunks(code_chunk=2**6, table=2 * (8 + 8) * 7)  # 16 chunks of codes x 43 chunks of tokens
+    streamed = code_entropy(logits, weights)
+    (grad_streamed,) = torch.autograd.grad(streamed.sum(), logits)
+    torch.testing.assert_close(value, streamed, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, grad_streamed, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("hook", [None, lambda dist: dist * 1.0])
-def test_streamed_forward_and_backward_never_hold_the_whole_distribution(monkeypatch, hook):
-    force_small_chunks(monkeypatch, code_chunk=64, table=64)
+def test_streamed_forward_and_backward_never_hold_the_whole_distribution(force_small_chunks, hook):
+    force_small_chunks(code_chunk=64, table=64)
     num_bits = 12  # 4096 codes, 64 chunks of 64
     logits = random_logits(16, 1, num_bits, seed=25).requires_grad_()
     with LargestTensor() as largest:
@@ -322,8 +370,8 @@ def test_streamed_forward_and_backward_never_hold_the_whole_distribution(monkeyp
     torch.testing.assert_close(value.detach(), expected, rtol=1e-10, atol=0)
 
 
-def test_reduce_mean_hook_gets_every_chunk_and_its_gradient_is_used(monkeypatch):
-    force_small_chunks(monkeypatch, code_chunk=2 * 8, table=2 * (4 + 2) * 2)
+def test_reduce_mean_hook_gets_every_chunk_and_its_gradient_is_used(force_small_chunks):
+    force_small_chunks(code_chunk=2 * 8, table=2 * (4 + 2) * 2)
     logits = random_logits(6, 2, 7, seed=26).requires_grad_()
     plain = code_entropy(logits)
     (grad_plain,) = torch.autograd.grad(plain.sum(), logits)

@@ -71,8 +71,12 @@ ACCELERATOR_POLICY = ChunkPolicy(
     search_scores=2**27,
     logit_scores=2**27,
     norm_values=2**27,
+    # LFQ's exact entropy holds about 2 * entropy_codes + 2 * entropy_table elements at once (a chunk's mean and
+    # its gradient, a token chunk's tables and their gradient): 384 MiB in float32 (768 MiB in float64). One
+    # chunk of codes covers 2^24 codes (a 24-bit codebook), and a token chunk 2^25 / (2^12 + 2^12) = 4096 tokens
+    # at 24 bits, 65536 at 16 bits: the entropy (forward and backward) is then about 50 operators.
     entropy_codes=2**24,
-    entropy_table=2**24,
+    entropy_table=2**25,
     blocked_max=False,
 )
 
