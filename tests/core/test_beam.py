@@ -275,7 +275,7 @@ def test_grid_shortlist_is_a_stable_sort_in_path_and_code_order(size, paths, k):
     order = grid_order(size, groups, length)
     values = torch.randint(0, 9, (90, paths, size), generator=g).float()
     offsets = torch.randint(0, 3, (90, paths), generator=g).float()
-    stored = F.pad(values, (0, 1), value=float("inf"))[..., order]  # the layout table_step builds
+    stored = F.pad(values, (0, 1), value=beam_module.PADDING)[..., order]  # the layout table_step builds
     path, code = grid_shortlist(stored, groups, k, offsets)
     expected = (values + offsets[..., None]).reshape(90, -1).sort(dim=-1, stable=True).indices[:, :k]
     assert torch.equal(path * size + code, expected)

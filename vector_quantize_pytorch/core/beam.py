@@ -23,13 +23,13 @@ change a choice only if three candidates lie within it.
 - **tables** (Euclidean layers, ``"final"`` or positive weights): half the squared distance of a path's
   residual to a code, ``||r||^2 / 2 + ||c||^2 / 2 - r.c``, for all the ``B K`` (path, code) pairs of a token
   at once, and each token's shortlist among them. ``r.c`` comes from the product of the residuals with the
-  codes (``t B x d x K``), or, for ``d >= TABLE_MIN_DIM``, from the expansion of
-  ``||x - sum_l c_l||^2`` into ``||x||^2 - 2 sum_l x.c_l + sum_l ||c_l||^2 + 2 sum_{l<m} c_l.c_m`` (faiss's
-  look-up tables): ``r.c = x.c - sum_{l<m} c_l.c`` with the inner products of the earlier layers' codes with
-  this layer's in a table (``(K_0 + ... + K_{m-1}) x K_m``, built once per call), i.e. one ``t x d x K`` product
-  shared by the ``B`` paths of a token and ``m`` table rows summed per path (one ``embedding_bag``). Below
-  ``TABLE_MIN_DIM`` the product is as fast as the table rows (2 CPU cores); a table past the budget falls back
-  to the product too.
+  codes (``t B x d x K``; the norms ride along as one more column), or, from ``d >= TABLE_MIN_DIM`` on, from
+  faiss's look-up tables: ``||x - sum_l c_l||^2`` expands into ``||x||^2 - 2 sum_l x.c_l + sum_l ||c_l||^2 +
+  2 sum_{l<m} c_l.c_m``, so ``r.c = x.c - sum_{l<m} c_l.c``, with the inner products of the earlier layers'
+  codes with this layer's in a table (``(K_0 + ... + K_{m-1}) x K_m``, built once per call): one ``t x d x K``
+  product shared by the ``B`` paths of a token and ``m`` table rows summed per path (one ``embedding_bag``).
+  On a CPU the product is the faster of the two below ``d = 256`` (it runs at the matrix unit's speed, the
+  table rows at the memory's); a table past the budget falls back to the product too.
 - **vectors** (cosine-similarity layers, ``"sum"`` with a weight that is not positive): each path's
   candidates by the distance logits of its residual (l2-normalised on a cosine layer) to every code, as
   :func:`~vector_quantize_pytorch.core.search.distance_logits` computes them: a shortlist of each path's
@@ -70,9 +70,11 @@ BEAM_BUDGET_FRACTION = 4
 # enough for 8 layers of 1024 codes); later layers estimate from the residuals.
 TABLE_BUDGET_FACTOR = 4
 
-# From this code size on, x.c and table rows estimate faster than the product with the residuals (at d = 64
-# the product was 10-20% faster, at d = 128 the tables 3-17%; 5000 tokens, 4 and 8 layers of 1024 codes).
-TABLE_MIN_DIM = 128
+# From this code size on, x.c and table rows estimate faster than the product with the residuals, tables
+# built in every call included (5000 tokens, 4 layers of 1024 codes, beam 4, 1 CPU core: the product was 3%
+# faster at d = 128, the tables 18% at d = 256 and 20% at d = 512; with 8 layers the product was 12% faster at
+# d = 128).
+TABLE_MIN_DIM = 256
 
 # Candidates per token (tables) or per path (vectors) scored exactly beyond the ones kept.
 SHORTLIST_MARGIN = 2
@@ -85,25 +87,26 @@ TAGGED_ROWS = 256
 
 SCORES = ("final", "sum")
 
-_LARGEST_FLOAT = torch.finfo(torch.float32).max
+# Padding (codes past a codebook, rows past a block): larger than any estimate, finite (a tag of infinity is NaN).
+PADDING = 1e30
 
 
 # ------------------------------------------------------------------ selection
 
 
 def tag(columns: Tensor) -> tuple[Tensor, int]:
-    """Values ``>= 0`` (clamped) whose low mantissa bits hold their row, so that a column minimum also says
-    where it is (:func:`untag`). Order is kept between values that differ above those bits (2^-15 relative for
-    256 rows); equal values order by row. NaN stays NaN.
+    """Values ``>= 0`` whose low mantissa bits hold their row, so that a column minimum also says where it is
+    (:func:`untag`). Order is kept between values that differ above those bits (2^-15 relative for 256 rows);
+    equal values order by row. A negative value (a rounding error below 0) counts as its magnitude; infinity
+    and NaN become NaN (no row; :func:`untag` clamps).
 
     Shape:
-        - columns: ``(W, R)`` float32, ``W <= TAGGED_ROWS``; output: ``(W, R)`` float32 and the number of bits
+        - columns: ``(W, R)`` float32; output: ``(W, R)`` float32 and the number of bits
     """
     bits = max(1, (columns.shape[0] - 1).bit_length())
-    keep = 0x7FFFFFFF ^ ((1 << bits) - 1)  # also clears the sign of -0.0
+    keep = 0x7FFFFFFF ^ ((1 << bits) - 1)  # the sign too: -0.0 is 0.0
     rows = torch.arange(columns.shape[0], dtype=torch.int32, device=columns.device).unsqueeze(1)
-    raw = columns.clamp(0.0, _LARGEST_FLOAT).view(torch.int32)  # no infinity: its tagged bits would be NaN
-    return (raw & keep | rows).view(torch.float32), bits
+    return (columns.view(torch.int32) & keep | rows).view(torch.float32), bits
 
 
 def untag(values: Tensor, bits: int, rows: int) -> Tensor:
@@ -131,16 +134,6 @@ def smallest_tagged(columns: Tensor, k: int) -> Tensor:
     return torch.cat(found)
 
 
-def ascending(rows: Tensor) -> Tensor:
-    """Distinct indices of every column sorted ascending (each one's rank is the number of smaller ones).
-
-    Shape:
-        - rows: ``(k, R)`` int64; output: ``(k, R)`` int64
-    """
-    rank = (rows.unsqueeze(1) > rows.unsqueeze(0)).sum(1)
-    return torch.zeros_like(rows).scatter_(0, rank, rows)
-
-
 def shortlist_columns(columns: Tensor, k: int) -> Tensor:
     """Rows of the ``k`` smallest values of every column (up to the tag's precision; equal values by row):
     directly for short columns, else through the minima of blocks of 8 rows (the ``k`` smallest values lie
@@ -154,8 +147,8 @@ def shortlist_columns(columns: Tensor, k: int) -> Tensor:
     if width <= max(TAGGED_ROWS, block * k):  # (a beam above 32 paths tags more bits)
         return smallest_tagged(columns, k)
     if width % block:
-        columns = F.pad(columns, (0, 0, 0, -width % block), value=float("inf"))
-    blocks = ascending(shortlist_columns(columns.view(-1, block, num).amin(1), k))  # (k, R)
+        columns = F.pad(columns, (0, 0, 0, -width % block), value=PADDING)
+    blocks = shortlist_columns(columns.view(-1, block, num).amin(1), k).sort(dim=0).values  # in row order
     rows = (blocks.unsqueeze(1) * block + torch.arange(block, device=columns.device).view(1, block, 1)).flatten(0, 1)
     return rows.gather(0, shortlist_columns(columns.gather(0, rows), k)).clamp_(max=width - 1)
 
@@ -175,12 +168,12 @@ def shortlist(keys: Tensor, k: int, offsets: Tensor | None = None) -> Tensor:
         return smallest_tagged(full.reshape(num, -1).t().contiguous(), k).t()
     padded = width + -width % SELECT_BLOCK
     if padded != width:
-        keys = F.pad(keys, (0, padded - width), value=float("inf"))
+        keys = F.pad(keys, (0, padded - width), value=PADDING)
     per_part = padded // SELECT_BLOCK
     minima = keys.reshape(num, parts, per_part, SELECT_BLOCK).amin(-1)
     if offsets is not None:
         minima = minima + offsets.unsqueeze(-1)
-    blocks = ascending(shortlist_columns(minima.reshape(num, -1).t().contiguous(), k)).t()  # (R, k)
+    blocks = shortlist_columns(minima.reshape(num, -1).t().contiguous(), k).sort(dim=0).values.t()  # (R, k)
     start = torch.arange(num, device=keys.device).unsqueeze(1) * (parts * per_part)
     picked = keys.reshape(-1, SELECT_BLOCK).index_select(0, (blocks + start).reshape(-1)).view(num, k, -1)
     if offsets is not None:
@@ -227,7 +220,7 @@ def grid_shortlist(keys: Tensor, groups: int, k: int, offsets: Tensor) -> tuple[
     t, w, places = keys.shape
     length, keys, offsets = places // groups, keys.float(), offsets.float()  # tags are float32 bits
     minima = keys.view(t, w, length, groups).amin(2).add_(offsets.unsqueeze(-1))  # (t, w, G)
-    blocks = ascending(shortlist_columns(minima.view(t, w * groups).t().contiguous(), k))  # (k, t): p G + j
+    blocks = shortlist_columns(minima.view(t, w * groups).t().contiguous(), k).sort(dim=0).values  # p G + j
     path, block = torch.div(blocks, groups, rounding_mode="floor"), blocks % groups
     first = (torch.arange(t, device=keys.device) * (w * places) + path * places + block).unsqueeze(1)
     picked = keys.reshape(-1).take(first + (torch.arange(length, device=keys.device) * groups).view(1, -1, 1))
@@ -330,6 +323,15 @@ def vector_step(beam: Beam, book: Tensor, cosine: bool, keep: int, beam_size: in
     return select(beam, total, parent, codes, residual, keep)
 
 
+def with_one(v: Tensor) -> Tensor:
+    """``[v, 1]``: a product with ``[-c, b]`` is ``b - v.c``.
+
+    Shape:
+        - v: ``(n, d)``; output: ``(n, d + 1)``
+    """
+    return torch.cat((v, v.new_ones(v.shape[0], 1)), dim=1)
+
+
 def table_step(beam: Beam, x: Tensor, layer: dict, keep: int, weight, score: str) -> Beam:
     """Extend the beam of a token chunk by one Euclidean layer: a shortlist of ``keep + SHORTLIST_MARGIN``
     (path, code) pairs per token by estimated half squared distance (from tables or residuals, see the
@@ -340,14 +342,14 @@ def table_step(beam: Beam, x: Tensor, layer: dict, keep: int, weight, score: str
         - beam: ``w`` paths with residuals ``(t, w, d)``, x: ``(t, d)``
         - output: ``keep`` paths of one more code
     """
-    book, stored, table = layer["codes"], layer["stored"], layer["table"]
+    book, table = layer["codes"], layer["table"]
     t, w, m = beam.paths.shape
+    # [v, 1] @ [-c, ||c||^2 / 2]^T = ||c||^2 / 2 - v.c in one product (no pass to add the norms)
     if m == 0 or table is None:  # ||c||^2 / 2 - r.c
-        keys = torch.addmm(layer["half_norms"], beam.residual.reshape(t * w, -1), stored.t(), alpha=-1)
-        keys = keys.view(t, w, -1)
+        keys = torch.mm(with_one(beam.residual.reshape(t * w, -1)), layer["weights"]).view(t, w, -1)
     else:  # sum_{l<m} c_l.c + (||c||^2 / 2 - x.c): m table rows and the token's row, after the table's rows
         earlier = layer["earlier"]
-        torch.addmm(layer["half_norms"], x, stored.t(), alpha=-1, out=table[earlier : earlier + t])
+        torch.mm(with_one(x), layer["weights"], out=table[earlier : earlier + t])
         own = torch.arange(earlier, earlier + t, device=x.device).view(t, 1, 1).expand(t, w, 1)
         rows = torch.cat((beam.paths + layer["offsets"], own), dim=-1).view(t * w, m + 1)
         keys = F.embedding_bag(rows, table, mode="sum").view(t, w, -1)
@@ -369,9 +371,10 @@ def table_step(beam: Beam, x: Tensor, layer: dict, keep: int, weight, score: str
 def search_context(codes: Sequence[Tensor], cosine: Sequence[bool], use_tables: bool, beam_size: int,
                    max_scores: int, chunk: int) -> dict:  # fmt: skip
     """What every chunk's search reads: the codes and cosine flags, and for the tables method, per layer, its
-    codes in :func:`grid_order` (``stored``, the padding zeros), their half squared norms (infinite for the
-    padding, which is never chosen), its table (:func:`cross_tables`, columns in grid order, with ``chunk``
-    spare rows for the tokens' own terms), its number of rows ``earlier`` and each earlier layer's first row.
+    codes in :func:`grid_order` (``stored``, the padding zeros), ``weights`` ``[-c, ||c||^2 / 2]^T`` in that order
+    (``PADDING`` for the padding, which is never chosen), its table (:func:`cross_tables`, columns in grid
+    order, with ``chunk`` spare rows for the tokens' own terms), its number of rows ``earlier`` and each
+    earlier layer's first row.
 
     Shape:
         - codes: ``q`` tensors ``(K_l, d)``
@@ -384,8 +387,10 @@ def search_context(codes: Sequence[Tensor], cosine: Sequence[bool], use_tables: 
         size = book.shape[0]
         groups, length = grid_layout(size, beam_size, width)
         order = grid_order(size, groups, length, book.device)
-        half = F.pad(squared_norms(book.unsqueeze(0))[0] * 0.5, (0, 1), value=float("inf"))
-        layers.append(dict(codes=book, stored=F.pad(book, (0, 0, 0, 1))[order], half_norms=half[order], groups=groups))
+        half = F.pad(squared_norms(book.unsqueeze(0))[0] * 0.5, (0, 1), value=PADDING)
+        stored = F.pad(book, (0, 0, 0, 1))[order]
+        weights = torch.cat((-stored, half[order].unsqueeze(1)), dim=1).t().contiguous()
+        layers.append(dict(codes=book, stored=stored, weights=weights, groups=groups))
     starts = [0]
     for book in codes[:-1]:
         starts.append(starts[-1] + book.shape[0])
