@@ -35,7 +35,6 @@ REF_INDICES = {
     "laplace": [[176, 176, 138], [22, 23, 23]],
     "cauchy": [[176, 177, 138], [22, 23, 23]],
 }
-REF_NORM_LOSS_KURT = 5.412223815917969
 REF_Q = {
     ("tanh", False): [
         -0.480264, -0.33775, -0.195236, -0.052722, -0.480264, -0.33775, -0.195236, -0.052722, -0.484988,
@@ -60,7 +59,6 @@ REF_TRAIN_Q = [
     0.360139, 0.482299, 0.604459,
 ]  # fmt: skip
 REF_TRAIN_ACCEPT = 0.8333333134651184
-REF_TRAIN_NORM_LOSS = 5.460206985473633
 # FSP([8, 5, 5], vector_norm=preset)(torch.linspace(-2.0, 2.5, 24).reshape(8, 3) ** 2)[2]
 REF_PRESET_LOSS = {
     "none": 0.0,
@@ -78,7 +76,10 @@ def test_eval_matches_reference(act, inv):
     fsp = make_fsp(act_name=act, need_inv_act=inv, vector_norm="kurt").eval()
     q, indices, norm_loss, info = fsp(X)
     assert indices.dtype == torch.int32 and indices.tolist() == REF_INDICES[act]
-    assert norm_loss.item() == pytest.approx(REF_NORM_LOSS_KURT, rel=1e-6)
+    # no norm-loss value here: project_in's equal weights make the middle latent feature constant, so its
+    # standardised moments are rounding noise (the loss differs by 0.5% between CPUs, and by 1.4% from
+    # float64); test_vector_norm_presets_match_reference checks the loss on well-conditioned latents
+    assert torch.isfinite(norm_loss)
     assert set(info) == {"level_indices", "norm_info"}
     if (act, inv) in REF_Q:
         assert torch.allclose(q.flatten(), torch.tensor(REF_Q[act, inv]), atol=2e-6)
@@ -90,7 +91,7 @@ def test_training_perturbation_matches_reference():
     q, _, norm_loss, info = fsp(X)
     assert torch.allclose(q.flatten(), torch.tensor(REF_TRAIN_Q), atol=2e-6)
     assert info["p_accept_prob"].item() == pytest.approx(REF_TRAIN_ACCEPT)
-    assert norm_loss.item() == pytest.approx(REF_TRAIN_NORM_LOSS, rel=1e-6)
+    assert torch.isfinite(norm_loss)  # a constant latent feature: see test_eval_matches_reference
 
 
 @pytest.mark.parametrize("preset", list(REF_PRESET_LOSS))
