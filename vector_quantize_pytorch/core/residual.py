@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .layout import TokenLayout, check_mask
+from .tensors import as_float32
 from .validate import check_bool, check_indices, check_input, check_int
 
 # layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
@@ -230,8 +231,14 @@ class ResidualStack(nn.Module):
         return self._residual_loop(h, mask, cutoffs, **loop_kwargs)
 
     def _stack_losses(self, losses: list, reference: Tensor) -> Tensor:
-        zero = torch.zeros((), device=reference.device, dtype=torch.float32)
-        return torch.stack([zero if loss is None else loss.float().reshape(()) for loss in losses])
+        """``(q,)`` float32 losses of the layers; a layer that did not run (None) contributes 0."""
+        zero = None
+        if any(loss is None for loss in losses):
+            zero = torch.zeros((), device=reference.device, dtype=torch.float32)
+        scalars = [
+            zero if loss is None else as_float32(loss if loss.ndim == 0 else loss.reshape(())) for loss in losses
+        ]
+        return torch.stack(scalars)
 
     # ------------------------------------------------------------------ input and output
 
