@@ -32,9 +32,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _antipodal_axis(x: Tensor, inv_x: Tensor) -> Tensor:
-    """``e_j - u_j u`` for ``u = x/|x|`` and ``j`` its coordinate of smallest magnitude: orthogonal to ``u``,
-    of length ``sqrt(1 - u_j^2) >= sqrt(1 - 1/d)``, the reflection axis for opposite ``u`` and ``v``."""
-    axis = x.abs().argmin(dim=-1, keepdim=True)
+    """``e_j - u_j u`` for ``u = x/|x|`` and ``j`` the smaller in magnitude of its first two coordinates:
+    orthogonal to ``u``, of length ``sqrt(1 - u_j^2) >= sqrt(1/2)``, the reflection axis for opposite ``u``
+    and ``v``. Only two coordinates are compared, so choosing ``j`` costs no pass over the whole input."""
+    axis = x[..., :2].abs().argmin(dim=-1, keepdim=True)
     u_j = x.gather(-1, axis) * inv_x
     t = x * (u_j * inv_x).neg()
     return t.scatter_add_(-1, axis, torch.ones_like(u_j))
@@ -50,7 +51,8 @@ def rotation_trick_grad(x: Tensor, q: Tensor, grad: Tensor, eps: float = 1e-6) -
     a handful of row dot products and one fused pass ``g + a s + b x``; ``R`` itself is never built. When
     ``u`` and ``v`` are opposite (``|s|`` below ``10 eps``), ``s`` is replaced by any vector orthogonal to
     ``u`` (the same formula then is a 180 degree rotation in the plane of ``u`` and ``s``): ``e_j - u_j u``,
-    with ``e_j`` the axis of ``u``'s smallest coordinate, so its length is at least ``sqrt(1 - 1/d)``.
+    with ``e_j`` the axis of the smaller of ``u``'s first two coordinates, so its length is at least
+    ``sqrt(1/2)``.
     When ``|x| < eps`` the result is ``g`` (straight-through). Computed in float32 (float64 for float64
     inputs) and returned in that dtype. ``R`` and ``lambda`` are constants: when ``grad`` requires grad (a
     double backward), the result is differentiable in ``grad``.
