@@ -26,6 +26,7 @@ vector.
 Usage (from the repository root, with ``pip install faiss-cpu`` or ``pip install -e .[bench]``)::
 
     python benchmarks/faiss_compare.py --readme          # measure, print, write README table and plot
+    python benchmarks/faiss_compare.py --readme --threads 1
     python benchmarks/faiss_compare.py --only rvq --rounds 3
     python benchmarks/faiss_compare.py --quick           # tiny sizes (smoke test)
 """
@@ -44,8 +45,7 @@ from pathlib import Path
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
 README = BENCHMARKS_DIR / "README.md"
-PLOT = BENCHMARKS_DIR / "images" / "faiss_compare.png"
-BEGIN, END = "<!-- faiss_compare:begin -->", "<!-- faiss_compare:end -->"
+IMAGES = BENCHMARKS_DIR / "images"
 RESULT_PREFIX = "FAISS_COMPARE_RESULT "
 
 # (name, kind, tokens N, dim d, layers M, codes K, beam)
@@ -294,13 +294,17 @@ def plot(results: list, path: Path, threads: int) -> None:
     plt.close(fig)
 
 
-def write_readme(table: str, command: str) -> None:
+def write_readme(table: str, command: str, plot_path: Path, threads: int) -> None:
+    """Put the command, table and plot between this thread count's markers in README.md (a new block at the end
+    of the file when they are missing)."""
+    begin, end = f"<!-- faiss_compare:begin threads={threads} -->", f"<!-- faiss_compare:end threads={threads} -->"
     text = README.read_text()
-    block = f"{BEGIN}\n\n```text\n{command}\n```\n\n{table}\n\n![ratios](images/{PLOT.name})\n\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    image = plot_path.relative_to(BENCHMARKS_DIR).as_posix()
+    block = f"{begin}\n\n```text\n{command}\n```\n\n{table}\n\n![ratios]({image})\n\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip() + f"\n\n## Search against faiss\n\n{block}\n"
+        text = text.rstrip() + f"\n\n{block}\n"
     README.write_text(text)
 
 
@@ -321,7 +325,9 @@ def parse_args(argv=None):
         "make them spin; default: leave the environment alone)",
     )
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
-    parser.add_argument("--png", type=Path, default=None, help=f"plot path (default {PLOT} with --readme)")
+    parser.add_argument(
+        "--png", type=Path, default=None, help="plot path (with --readme: images/faiss_compare_<N>t.png)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("ours", "faiss"), help=argparse.SUPPRESS)
@@ -354,13 +360,16 @@ def main(argv=None) -> int:
             results.append(compare(workload, args, Path(workdir)))
     table = markdown(results, args)
     print(table)
-    png = args.png or (PLOT if args.readme else None)
+    png = args.png or (IMAGES / f"faiss_compare_{args.threads}t.png" if args.readme else None)
     if png is not None:
         plot(results, png, args.threads)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     if args.readme:
-        write_readme(table, "python benchmarks/faiss_compare.py --readme")
+        command = "python benchmarks/faiss_compare.py --readme" + (
+            "" if args.threads == 2 else f" --threads {args.threads}"
+        )
+        write_readme(table, command, png, args.threads)
     return 0
 
 
