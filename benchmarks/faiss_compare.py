@@ -265,7 +265,8 @@ def markdown(results: list, args) -> str:
         )
     lines.append("")
     lines.append(
-        f"{args.threads} threads each (OMP_WAIT_POLICY {args.wait_policy}), median of {args.repeats} calls per "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''} each (OMP_WAIT_POLICY {args.wait_policy}), "
+        f"median of {args.repeats} calls per "
         f"process, {args.rounds} rounds."
     )
     return "\n".join(lines)
@@ -287,7 +288,7 @@ def plot(results: list, path: Path, threads: int) -> None:
     ax.axvline(1.0, color="black", linewidth=1)
     ax.invert_yaxis()
     ax.set_xlabel("time ours / faiss (lower is faster; bars: median, whiskers: per-round range)")
-    ax.set_title(f"Search against faiss-cpu, {threads} threads, identical codebooks and inputs")
+    ax.set_title(f"Search against faiss-cpu, {threads} thread{'s' if threads > 1 else ''}, identical codes")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
