@@ -189,7 +189,11 @@ def grid_layout(size: int, paths: int, width: int) -> tuple[int, int]:
     """``(groups, length)`` of the grid a layer of ``size`` codes is stored in (:func:`grid_order`) for
     shortlists of ``width`` among ``paths`` paths per token: code blocks of ``length`` codes (a power of two near
     ``sqrt(paths size / width)``, which balances the blocks' minima against the codes of the chosen blocks, at
-    most 32), and at least ``width`` blocks. Layers of at most 64 codes are not blocked (``length`` 1)."""
+    most 32), and at least ``width`` blocks. Layers of at most 64 codes are not blocked (``length`` 1).
+
+    Shape:
+        - output: two ints, ``groups * length >= size``
+    """
     length = 1
     while length < 32 and size > 64 and (2 * length) ** 2 * width <= paths * size and -(-size // (2 * length)) >= width:
         length *= 2
