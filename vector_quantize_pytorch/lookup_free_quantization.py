@@ -24,7 +24,7 @@ from .core.estimators import straight_through
 from .core.layout import TokenLayout, check_mask
 from .core.linear import project
 from .core.radix import bit_weights, bits_to_index, index_to_bits
-from .core.tensors import as_dtype
+from .core.tensors import as_dtype, at_least_float32
 from .core.validate import (
     check_bool,
     check_feature_size,
@@ -300,9 +300,7 @@ class LFQ(nn.Module):
         return self._maybe_l2norm(torch.full_like(bits, scale, dtype=dtype).where(bits, -scale))
 
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        if not self.force_quantization_f32:
-            return dtype
-        return torch.float64 if dtype == torch.float64 else torch.float32
+        return at_least_float32(dtype) if self.force_quantization_f32 else dtype
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Indices as the forward returns them -> the output the forward gave for them (in eval mode).

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tensors import as_dtype, detached
+from .tensors import as_dtype, at_least_float32, detached
 
 
 def attach_gradient(value: Tensor, path: Tensor) -> Tensor:
@@ -24,11 +24,6 @@ def attach_gradient(value: Tensor, path: Tensor) -> Tensor:
 def straight_through(x: Tensor, q: Tensor) -> Tensor:
     """Straight-through estimator (Bengio et al. 2013; VQ-VAE): d out / d x = identity."""
     return attach_gradient(q, x)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half and bfloat16 inputs, float64 kept."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _antipodal_axis(x: Tensor, inv_x: Tensor) -> Tensor:
@@ -61,8 +56,8 @@ def rotation_trick_grad(x: Tensor, q: Tensor, grad: Tensor, eps: float = 1e-6) -
         - x, q, grad: ``(..., d)`` (broadcastable to one shape)
         - output: ``(..., d)``
     """
-    dtype = _compute_dtype(x.dtype)
-    x, q, g = (t if t.dtype == dtype else t.to(dtype) for t in (x.detach(), q.detach(), grad))
+    dtype = at_least_float32(x.dtype)
+    x, q, g = (as_dtype(t, dtype) for t in (x.detach(), q.detach(), grad))
     if not x.shape == q.shape == g.shape:
         x, q, g = torch.broadcast_tensors(x, q, g)
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)

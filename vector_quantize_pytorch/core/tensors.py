@@ -23,3 +23,8 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def as_float32(t: Tensor) -> Tensor:
     """``t.float()``, or ``t`` itself when it is float32."""
     return as_dtype(t, torch.float32)
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for inputs of ``dtype``: float32 for half and bfloat16, float64 kept."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
