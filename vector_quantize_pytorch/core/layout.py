@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor
+
+from .validate import check_input
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,10 @@ class TokenLayout:
 
     def to_tokens(self, x: Tensor) -> Tensor:
         if self.single_token:
-            return x.unsqueeze(1)
+            return rearrange(x, "b d -> b 1 d")
         if self.channel_first:
-            return x.flatten(2).transpose(1, 2)
-        return x.reshape(x.shape[0], self.num_tokens, x.shape[-1])  # explicit sizes: an empty batch reshapes too
+            return rearrange(x, "b d ... -> b (...) d")
+        return x.reshape(x.shape[0], self.num_tokens, x.shape[-1])  # "b ... d -> b (...) d"; sizes explicit for b = 0
 
     def from_tokens(self, t: Tensor) -> Tensor:
         """``(b, n, d)`` -> input layout; ``(b, n, k, d)`` (top-k) keeps ``k`` after the spatial axes."""
@@ -85,6 +88,102 @@ class TokenLayout:
         if not isinstance(mask, Tensor) or mask.ndim == 0:
             return mask
         return mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """A quantizer's input parsed once: how to restore its layout, its tokens and which tokens count.
+
+    Shape:
+        - tokens: ``(b, n, dim)``
+        - mask: ``(b, n)`` bool (True = a real token), or None when every token counts
+    """
+
+    layout: TokenLayout
+    tokens: Tensor
+    mask: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+
+def parse_input(
+    x,
+    *,
+    dim: int,
+    channel_first: bool | None,
+    ndim: int | tuple[int, ...] | None = None,
+    mask: Tensor | None = None,
+    lens: Tensor | None = None,
+    name: str = "x",
+    layout_hint: str = "channel_first=True",
+) -> TokenInput:
+    """The one parser of quantizer inputs: checks ``x``, flattens it to tokens and turns ``mask``/``lens`` into
+    a ``(b, n)`` token mask.
+
+    Args:
+        x: the input, features on the last axis, or on axis 1 when channel-first.
+        dim: the number of features a token must have.
+        channel_first: features on axis 1 (for inputs of 3 or more dimensions); None: on axis 1 for images and
+            video (4 or more dimensions) only.
+        ndim: the allowed number of dimensions (an int or a tuple); None: 2 or more.
+        mask: True for the tokens that count: ``(b, *spatial)``, ``(b, n)``, or ``(b,)`` for whole samples.
+        lens: ``(b,)`` lengths of 1-d sequences (tokens at positions ``>= lens`` are masked out).
+        name: the argument's name in error messages.
+        layout_hint: the option to suggest when the features sit on the other axis (e.g.
+            ``"accept_image_fmap=True"``).
+
+    Shape:
+        - x: ``(b, dim)``, ``(b, ..., dim)`` or channel-first ``(b, dim, ...)``
+        - output tokens: ``(b, n, dim)``, mask ``(b, n)``
+    """
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    check_input(name, x, min_ndim=min(allowed) if allowed else 2, max_ndim=max(allowed) if allowed else None)
+    if allowed and x.ndim not in allowed:
+        raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(x.shape)}")
+    channel_first = x.ndim >= 4 if channel_first is None else channel_first
+    layout = TokenLayout.of(x, channel_first=channel_first)
+    _check_features(name, x, dim, 1 if layout.channel_first and x.ndim > 2 else -1, layout_hint)
+    tokens = layout.to_tokens(x)
+    return TokenInput(layout, tokens, token_mask(mask, lens, layout, tokens.shape[0]))
+
+
+def _check_features(name: str, x: Tensor, dim: int, axis: int, layout_hint: str) -> None:
+    if x.shape[axis] == dim:
+        return
+    message = f"{name} must have {dim} features on axis {axis % x.ndim}, got shape {tuple(x.shape)}"
+    if axis == -1 and x.ndim > 2 and x.shape[1] == dim:
+        message += f"; its axis 1 has {dim}: for channel-first inputs pass {layout_hint}"
+    raise ValueError(message)
+
+
+def token_mask(mask, lens, layout: TokenLayout, batch: int) -> Tensor | None:
+    """``mask`` or ``lens`` -> a ``(b, n)`` bool token mask (None when neither is given).
+
+    Shape:
+        - mask: ``(b, *spatial)``, ``(b, n)``, or ``(b,)`` (every token of a sample)
+        - lens: ``(b,)`` integer lengths, for 1-d sequences
+        - output: ``(b, n)`` bool
+    """
+    n = layout.num_tokens
+    if mask is not None and lens is not None:
+        raise ValueError("pass either mask or lens, not both")
+    if lens is not None:
+        if not isinstance(lens, Tensor) or lens.ndim != 1 or lens.shape[0] != batch:
+            raise ValueError(f"lens must be a (batch,) = ({batch},) tensor of lengths, got {_describe(lens)}")
+        return lens_to_mask(lens, n)
+    if isinstance(mask, Tensor) and mask.ndim == 1 and mask.shape[0] == batch and n != 1:
+        mask = mask.unsqueeze(-1).expand(batch, n)  # whole samples
+    return check_mask(layout.mask_to_tokens(mask), batch, n)
+
+
+def _describe(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def lens_to_mask(lens: Tensor, max_length: int) -> Tensor:
