@@ -148,12 +148,15 @@ def test_entropies_equal_enumeration(name):
 
 
 def test_loss_is_per_sample_minus_gamma_batch_entropy():
+    """The loss against float64 enumeration and a hand-written commitment (not against its own breakdown)."""
     quantizer = LFQ(codebook_size=64, entropy_loss_weight=0.3, diversity_gamma=0.7, commitment_loss_weight=2.0)
-    (_, _, loss), (sample_entropy, batch_entropy, commitment) = quantizer(
-        torch.randn(2, 9, 6), inv_temperature=2.0, return_loss_breakdown=True
-    )
+    x = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(4))
+    (_, _, loss), breakdown = quantizer(x, inv_temperature=2.0, return_loss_breakdown=True)
+    sample_entropy, batch_entropy = brute_force_entropies(x.double().reshape(18, 1, 6), 2.0, 1.0)
+    commitment = (x.double() - torch.where(x > 0, 1.0, -1.0).double()).square().mean()
     expected = 0.3 * (sample_entropy - 0.7 * batch_entropy) + 2.0 * commitment
-    torch.testing.assert_close(loss, expected)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert breakdown.commitment.item() == pytest.approx(commitment.item(), rel=1e-6)
 
 
 def test_huge_codebook_trains():
@@ -189,12 +192,24 @@ def test_masked_tokens_change_neither_entropy_nor_commitment():
 
 
 def test_mask_for_images_may_be_spatial():
-    quantizer = LFQ(codebook_size=16, dim=8)
-    mask = torch.rand(2, 3, 4) > 0.5
-    _, flat = quantizer(torch.ones(2, 8, 3, 4), return_loss_breakdown=True, mask=mask.flatten(1))
-    _, spatial = quantizer(torch.ones(2, 8, 3, 4), return_loss_breakdown=True, mask=mask)
-    for a, b in zip(flat, spatial):
-        torch.testing.assert_close(a, b)
+    """A (b, h, w) mask keeps the same positions as its row-major flattening: the entropies and commitment equal
+    those of the kept tokens alone (float64 enumeration), so a transposed or shuffled mask fails."""
+    quantizer = LFQ(codebook_size=16, commitment_loss_weight=1.0)  # dim 4, no projection
+    generator = torch.Generator().manual_seed(6)
+    image = torch.randn(2, 4, 3, 5, generator=generator)
+    mask = torch.rand(2, 3, 5, generator=generator) > 0.5
+    _, flat = quantizer(image, inv_temperature=2.0, return_loss_breakdown=True, mask=mask.flatten(1))
+    _, spatial = quantizer(image, inv_temperature=2.0, return_loss_breakdown=True, mask=mask)
+    kept = image.permute(0, 2, 3, 1)[mask]  # (tokens kept, 4)
+    sample_entropy, batch_entropy = brute_force_entropies(kept.double().unsqueeze(1), 2.0, 1.0)
+    commitment = (kept.double() - torch.where(kept > 0, 1.0, -1.0).double()).square().mean()
+    for got in (flat, spatial):
+        assert got.per_sample_entropy.item() == pytest.approx(sample_entropy.item(), rel=1e-5)
+        assert got.batch_entropy.item() == pytest.approx(batch_entropy.item(), rel=1e-5)
+        assert got.commitment.item() == pytest.approx(commitment.item(), rel=1e-5)
+    transposed = mask.transpose(1, 2).reshape(2, 3, 5)  # same count, other positions
+    _, wrong = quantizer(image, inv_temperature=2.0, return_loss_breakdown=True, mask=transposed)
+    assert wrong.batch_entropy.item() != pytest.approx(batch_entropy.item(), rel=1e-5)
 
 
 def test_frac_per_sample_entropy_subsamples_only_the_per_sample_entropy():
@@ -340,10 +355,16 @@ def test_eval_losses_are_zero_scalars():
     assert all(t.shape == () and t.item() == 0.0 for t in (ret.entropy_aux_loss, *breakdown))
 
 
-def test_softplus_entropy_loss_is_positive():
-    quantizer = LFQ(codebook_size=64, experimental_softplus_entropy_loss=True, entropy_loss_offset=0.0)
-    _, _, loss = quantizer(torch.randn(2, 30, 6))
-    assert loss.item() > 0
+@pytest.mark.parametrize("offset", [0.0, 5.0, -3.0])
+def test_softplus_entropy_loss_is_positive(offset):
+    """weight * softplus(H_sample - gamma * H_batch + offset), the entropies from float64 enumeration."""
+    quantizer = LFQ(codebook_size=64, experimental_softplus_entropy_loss=True, entropy_loss_offset=offset,
+                    entropy_loss_weight=0.2, diversity_gamma=0.5)  # fmt: skip
+    x = torch.randn(2, 30, 6, generator=torch.Generator().manual_seed(5))
+    _, _, loss = quantizer(x, inv_temperature=3.0)
+    sample_entropy, batch_entropy = brute_force_entropies(x.double().reshape(60, 1, 6), 3.0, 1.0)
+    expected = 0.2 * F.softplus(sample_entropy - 0.5 * batch_entropy + offset)
+    assert loss.item() > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_soft_clamp_and_cosine_projection_run():

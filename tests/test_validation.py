@@ -248,11 +248,11 @@ def test_a_failing_constructor_draws_no_random_numbers():
     """Arguments are checked before any state is built: the global RNG is where it was."""
     torch.manual_seed(0)
     expected = torch.rand(3)
-    for class_name, overrides, error, _ in INVALID_VALUES:
+    for class_name, overrides, error, words in INVALID_VALUES:
         if "init_fn" in overrides:  # what init_fn returns is known only by calling it on random codes
             continue
         torch.manual_seed(0)
-        with pytest.raises(error):
+        with pytest.raises(error, match=re.escape(str(words[0]))):
             getattr(vqp, class_name)(**dict(BASE_CONFIGS[class_name], **overrides))
         assert torch.equal(torch.rand(3), expected), f"{class_name}({overrides}) drew random numbers"
 
@@ -384,7 +384,7 @@ def test_a_bad_input_raises_showing_the_shape_and_changes_nothing(spec_name, lab
 def test_a_valid_input_still_works_after_a_failed_call(spec_name):
     spec = INPUT_SPECS[spec_name]
     module = spec.make().train()
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(TypeError, match=r"(x|z|logits) must be a floating point tensor, got (dtype )?torch.int64"):
         module(torch.ones(spec.shape, dtype=torch.long))
     out = module(torch.randn(spec.shape))
     first = out[0] if isinstance(out, tuple) else out
@@ -524,13 +524,13 @@ def test_a_failing_call_raises_before_changing_any_state(label, make, call, erro
 def test_vector_quantize_indices_of_the_wrong_shape_raise_value_error_and_change_nothing():
     module = _kmeans_vq().train()
     before = full_state(module)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"indices must have the shape .*\(2, 5\), got \(2, 3\)"):
         module(X, indices=torch.zeros(2, 3, dtype=torch.long))
     assert_state_unchanged(module, before)
 
 
 def test_vector_quantize_float_indices_raise_type_error():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="indices must be an integer torch.Tensor, got torch.float32"):
         _kmeans_vq().train()(X, indices=torch.zeros(2, 5))
 
 

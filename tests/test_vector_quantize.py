@@ -160,7 +160,15 @@ def test_directional_reparam_trains_input_and_codebook():
     assert vq.learnable_codebook and not vq.ema_update and not vq.rotation_trick
     x = torch.randn(2, 5, 4, requires_grad=True)
     q, idx, loss = vq(x)
-    torch.testing.assert_close(q, vq.codebook[idx].detach(), atol=0.5, rtol=0)  # a noisy step to the code
+    # the step goes exactly as far as the code, in a noisy direction (variance 5e-3): its length is |code - x|
+    code = vq.codebook[idx].detach()
+    torch.testing.assert_close((q - x).norm(dim=-1), (code - x).norm(dim=-1), atol=1e-5, rtol=1e-5)
+    exact = VectorQuantize(
+        4, 8, directional_reparam=True, threshold_ema_dead_code=0.5, directional_reparam_variance=0.0
+    )
+    exact.load_state_dict(vq.state_dict())
+    q0, idx0, _ = exact(x)
+    torch.testing.assert_close(q0, exact.codebook[idx0].detach(), atol=1e-6, rtol=1e-6)  # no noise: the code
     (q.square().sum() + loss).backward()
     assert x.grad.abs().sum() > 0 and vq._codebook.embed.grad.abs().sum() > 0
     vq.eval()
@@ -776,11 +784,31 @@ def test_expire_codes_replaces_dead_codes_with_rows_of_x():
     ids=str,
 )
 def test_dead_codes_are_replaced_during_training(kwargs):
-    vq = VectorQuantize(4, 16, threshold_ema_dead_code=2.0, **kwargs)
+    """Threshold 1 with counts starting at 1 and decay 0.8: after one step a code used c times has count
+    0.8 + 0.2 c, so exactly the unused codes (0.8) expire, while a code used once sits exactly at the threshold
+    (1.0) and must stay. Every expired code, and no other, becomes a distinct row of the batch (in codebook
+    space) with count reset to the threshold."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(4, 16, threshold_ema_dead_code=1.0, **kwargs)
     x = torch.randn(1, 40, 4)
-    vq(x)
-    # after the step every count is either a real EMA count >= 2 or was reset to exactly 2
-    assert (vq._codebook.cluster_size >= 2.0 - 1e-6).all()
+    _, idx, _ = vq(x)
+    heads = 2 if kwargs.get("separate_codebook_per_head") else 1
+    with torch.no_grad():
+        rows = vq.project_in(x).reshape(40, heads, -1).transpose(0, 1)  # (h, N, d) codebook-space rows
+    if kwargs.get("use_cosine_sim"):
+        rows = torch.nn.functional.normalize(rows, dim=-1)
+    idx = idx.reshape(40, heads).T
+    embed, cluster_size = vq._codebook.embed.detach(), vq._codebook.cluster_size
+    for h in range(heads):
+        counts = torch.bincount(idx[h], minlength=16)
+        assert (counts == 0).any() and (counts == 1).any(), "the batch must leave codes unused and use one once"
+        matched = torch.cdist(embed[h], rows[h]).min(dim=-1)
+        replaced = matched.values < 1e-6
+        assert torch.equal(replaced, counts == 0), (h, counts, matched.values)
+        chosen = matched.indices[replaced]
+        assert len(set(chosen.tolist())) == len(chosen), "dead codes must get distinct rows"
+        expected_sizes = torch.where(counts == 0, 1.0, 0.8 + 0.2 * counts.float())
+        torch.testing.assert_close(cluster_size[h], expected_sizes, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

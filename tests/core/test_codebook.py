@@ -177,6 +177,17 @@ def test_expired_codes_are_replaced_by_batch_rows_and_only_they_change():
     assert_only_dead_codes_replaced(cb, before, flat, dead={1, 3, 5}, threshold=1.0)
 
 
+def test_a_count_exactly_at_the_threshold_is_alive():
+    """Expiry is ``cluster_size < threshold``: a count equal to the threshold survives, one ulp below expires."""
+    below = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    above = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()
+    cb = dead_code_codebook([1.0, below, above, 1.0, 0.0], threshold=1.0)
+    before = {k: v.clone() for k, v in cb.state_dict().items()}
+    flat = torch.randn(1, 10, 3, generator=torch.Generator().manual_seed(3))
+    cb.expire_codes_(flat)
+    assert_only_dead_codes_replaced(cb, before, flat, dead={1, 4}, threshold=1.0)
+
+
 def test_more_dead_codes_than_rows_uses_distinct_rows():
     cb = dead_code_codebook([0.0] * 8, threshold=2.0)
     before = {k: v.clone() for k, v in cb.state_dict().items()}

@@ -82,7 +82,7 @@ def test_budgets_must_be_positive_ints(field, value):
 
 def test_a_custom_policy_is_a_frozen_dataclass():
     policy = ChunkPolicy("small-gpu", 2**24, 2**24, 2**24, 2**20, 2**20, False)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cannot assign to field 'search_scores'"):
         policy.search_scores = 1
 
 
