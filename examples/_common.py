@@ -310,10 +310,17 @@ def evaluate(model: nn.Module, images: Tensor, example: Example, process: Proces
 # ---------------------------------------------------------------------------------------------- plots
 
 
+RECONSTRUCTION_LABEL_WIDTH = 120  # px left of the grid for the row labels of reconstructions.png
+
+
 def save_reconstructions(
     originals: Tensor, reconstructions: Tensor, path: Path, per_row: int = 16, scale: int = 2
 ) -> None:
-    """PNG grid: rows of test images, each above the row of their reconstructions, ``scale`` px per pixel."""
+    """PNG grid: rows of test images, each above the row of their reconstructions, ``scale`` px per pixel.
+
+    Every row is labelled on its left, "input" or "reconstruction", in a margin of
+    ``RECONSTRUCTION_LABEL_WIDTH`` px; the grid itself is drawn pixel for pixel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +333,21 @@ def save_reconstructions(
     rows = pairs.view(2, count // per_row, per_row, 30, 30).transpose(0, 1)  # (row, original|recon, col, h, w)
     grid = rows.permute(0, 1, 3, 2, 4).reshape(rows.shape[0] * 2 * 30, per_row * 30)
     grid = grid.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)  # nearest-neighbour upscale
-    plt.imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+
+    height, width = grid.shape
+    margin = RECONSTRUCTION_LABEL_WIDTH
+    dpi = 100
+    fig = plt.figure(figsize=((margin + width) / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((margin / (margin + width), 0, width / (margin + width), 1))
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    row_height = 30 * scale
+    for row in range(height // row_height):
+        label = "input" if row % 2 == 0 else "reconstruction"
+        y = 1 - (row + 0.5) * row_height / height
+        fig.text((margin - 8) / (margin + width), y, label, ha="right", va="center", fontsize=9)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    plt.close(fig)
 
 
 def save_curves(curves: dict, path: Path, title: str) -> None:

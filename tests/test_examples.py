@@ -89,8 +89,9 @@ def test_example_runs_and_writes_outputs(script, tmp_path_factory):
     result, out = small_run(script, tmp_path_factory)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # 2 x 16 test images above 2 x 16 reconstructions, 30 x 30 px per digit with its border, drawn 2x
-    assert png_size(out / "reconstructions.png") == (16 * 60, 4 * 60)
+    # 2 x 16 test images above 2 x 16 reconstructions, 30 x 30 px per digit with its border, drawn 2x, and a
+    # margin on the left for the row labels ("input", "reconstruction")
+    assert png_size(out / "reconstructions.png") == (_common.RECONSTRUCTION_LABEL_WIDTH + 16 * 60, 4 * 60)
     width, height = png_size(out / "training_curves.png")
     assert width > 100 and height > 100
 
