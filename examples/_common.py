@@ -169,24 +169,13 @@ class Autoencoder(nn.Module):
 # -------------------------------------------------------------------------------------------- metrics
 
 
-def code_histogram(indices: Tensor, codebook_size: int, num_codebooks: int) -> Tensor:
-    """Counts ``(c, K)`` of each code of each codebook; indices ``(..., c)`` (or ``(...)`` when c = 1).
+def usage_meter(example: Example, device: torch.device, sync: bool | None = None):
+    """A :class:`~vector_quantize_pytorch.CodebookUsage` for the example's indices ``(b, 7, 7[, c])``: one histogram
+    per codebook, negative indices (dropped or masked positions) not counted, summed over ranks when ``sync``."""
+    from vector_quantize_pytorch import CodebookUsage
 
-    Negative indices (dropped or masked positions) are not counted.
-    """
-    indices = indices.long().reshape(-1, num_codebooks)
-    offsets = torch.arange(num_codebooks, device=indices.device) * codebook_size
-    flat = (indices + offsets)[indices >= 0]
-    return torch.bincount(flat, minlength=num_codebooks * codebook_size).view(num_codebooks, codebook_size)
-
-
-def usage_and_perplexity(histogram: Tensor) -> tuple[float, float]:
-    """Share of codes used at least once and ``exp(entropy)`` of the code distribution, averaged over codebooks."""
-    histogram = histogram.double()
-    usage = (histogram > 0).double().mean(dim=-1)
-    probs = histogram / histogram.sum(dim=-1, keepdim=True).clamp(min=1)
-    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=-1)
-    return usage.mean().item(), entropy.exp().mean().item()
+    codebooks = example.num_codebooks if example.num_codebooks > 1 else ()
+    return CodebookUsage(example.codebook_size, codebooks, sync=sync, device=device)
 
 
 # -------------------------------------------------------------------------------------- distribution
@@ -265,6 +254,7 @@ def train(model: nn.Module, images: Tensor, args: argparse.Namespace, example: E
     curves = {"reconstruction": [], "aux": [], "usage": []}
     batches = batch_order(len(images), args.batch_size, args.steps, args.seed)
     bar = tqdm(batches, total=args.steps, disable=not process.is_main, desc=example.name, dynamic_ncols=True)
+    batch_usage = usage_meter(example, process.device, sync=False)  # rank 0's shard of each batch
     model.train()
     for step, batch in enumerate(bar, start=1):
         # every rank takes its own contiguous slice of the global batch
@@ -275,10 +265,10 @@ def train(model: nn.Module, images: Tensor, args: argparse.Namespace, example: E
         (reconstruction_loss + aux_loss).backward()
         optimizer.step()
 
-        histogram = code_histogram(indices.detach(), example.codebook_size, example.num_codebooks)
+        batch_usage.update(indices.detach())
         curves["reconstruction"].append(reconstruction_loss.item())
         curves["aux"].append(float(aux_loss.detach()))
-        curves["usage"].append((histogram > 0).double().mean().item())
+        curves["usage"].append(batch_usage.report(reset=True)["usage"])
         if step % 10 == 0 or step == 1:
             bar.set_postfix(rec=f"{curves['reconstruction'][-1]:.4f}", aux=f"{curves['aux'][-1]:.4f}",
                             used=f"{curves['usage'][-1]:.2f}")  # fmt: skip
@@ -291,19 +281,19 @@ def evaluate(model: nn.Module, images: Tensor, example: Example, process: Proces
     model.eval()
     shard = images.tensor_split(process.world_size)[process.rank]
     squared_error = torch.zeros((), dtype=torch.float64, device=process.device)
-    histogram = torch.zeros(example.num_codebooks, example.codebook_size, dtype=torch.long, device=process.device)
+    usage = usage_meter(example, process.device)
     first = None
     for chunk in shard.split(batch_size):
         chunk = chunk.to(process.device)
         reconstruction, indices, _ = model(chunk)
         squared_error += (reconstruction.double() - chunk.double()).pow(2).sum()
-        histogram += code_histogram(indices, example.codebook_size, example.num_codebooks)
+        usage.update(indices)
         if first is None:
             first = (chunk[:32].cpu(), reconstruction[:32].float().cpu())
     all_reduce_sum(squared_error, process)
-    all_reduce_sum(histogram, process)
-    usage, perplexity = usage_and_perplexity(histogram.cpu())
-    metrics = {"test_mse": squared_error.item() / images.numel(), "usage": usage, "perplexity": perplexity}
+    report = usage.report()  # summed over ranks
+    mse = squared_error.item() / images.numel()
+    metrics = {"test_mse": mse, "usage": report["usage"], "perplexity": report["perplexity"]}
     return metrics, first
 
 

@@ -173,20 +173,15 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
     assert not all(torch.equal(a, b) for a, b in zip(batches, _common.batch_order(10, 3, 6, seed=1)))
 
 
-def test_code_histogram_counts_per_codebook_and_skips_negative_indices():
-    indices = torch.tensor([[[0, 2], [0, 1]], [[3, 2], [-1, 2]]])  # (b=2, n=2, c=2), codebook size 4
-    histogram = _common.code_histogram(indices, codebook_size=4, num_codebooks=2)
-    assert histogram.tolist() == [[2, 0, 0, 1], [0, 1, 3, 0]]
-    single = _common.code_histogram(torch.tensor([[1, 1], [3, 1]], dtype=torch.int32), 4, 1)
-    assert single.tolist() == [[0, 3, 0, 1]]
-
-
-def test_usage_and_perplexity_by_hand():
-    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[5, 5, 5, 5]]))
-    assert usage == 1.0 and perplexity == pytest.approx(4.0)
-    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[3, 1, 0, 0]]))
-    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert usage == 0.5 and perplexity == pytest.approx(math.exp(entropy))
-    # two codebooks: both numbers are averaged over them
-    usage, perplexity = _common.usage_and_perplexity(torch.tensor([[1, 1, 1, 1], [8, 0, 0, 0]]))
-    assert usage == pytest.approx((1 + 0.25) / 2) and perplexity == pytest.approx((4 + 1) / 2)
+def test_usage_meter_counts_per_codebook_and_skips_negative_indices():
+    """The examples' usage and perplexity come from CodebookUsage (tests/test_usage.py checks it by hand)."""
+    meter = _common.usage_meter(_common.Example("x", None, None, codebook_size=4, num_codebooks=2), torch.device("cpu"))
+    meter.update(torch.tensor([[[0, 2], [0, 1]], [[3, 2], [-1, 2]]]))  # (b=2, n=2, c=2), codebook size 4
+    assert meter.counts().tolist() == [[2, 0, 0, 1], [0, 1, 3, 0]]
+    report = meter.report()
+    assert report["usage"] == pytest.approx((0.5 + 0.5) / 2)
+    entropy = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert report["perplexity"] == pytest.approx((math.exp(entropy[0]) + math.exp(entropy[1])) / 2)
+    single = _common.usage_meter(_common.Example("x", None, None, codebook_size=4), torch.device("cpu"))
+    single.update(torch.tensor([[1, 1], [3, 1]], dtype=torch.int32))
+    assert single.counts().tolist() == [[0, 3, 0, 1]]

@@ -14,6 +14,7 @@ from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual_sim_vq import ResidualSimVQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sim_vq import SimVQ
+from .usage import CodebookUsage
 from .utils import Sequential
 from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
 
@@ -46,5 +47,6 @@ QUANTIZERS = (
 )
 
 __all__ = [cls.__name__ for cls in QUANTIZERS] + ["LossBreakdown", "Sequential", "VectorQuantizer", "LatentQuantizer"]
+__all__ += ["CodebookUsage"]
 __all__ += ["ChunkPolicy", "CPU_POLICY", "ACCELERATOR_POLICY", "chunk_policy", "set_chunk_policy", "use_chunk_policy"]
 __all__ = list(dict.fromkeys(__all__))
