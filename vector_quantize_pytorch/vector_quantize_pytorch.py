@@ -9,80 +9,106 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import distributed, estimators, losses
+from .core import estimators, losses
 from .core.codebook import Codebook, valid_rows
-from .core.layout import TokenLayout, check_mask, lens_to_mask
-from .core.linear import project
-from .core.search import distance_logits, gather_codes, gumbel_noise_like, nearest_codes, sample_codes, topk_codes
+from .core.inplace import average_gradients_, step_if_rows
+from .core.layout import HeadSplit, TokenInput, TokenLayout, parse_input, token_mask
+from .core.search import (
+    TokenConditionedCodes,
+    distance_logits,
+    gather_codes,
+    gumbel_noise_like,
+    nearest_codes,
+    sample_codes,
+    topk_codes,
+)
 from .core.tensors import as_dtype, as_float32, detached
-from .core.validate import check_bool, check_float, check_indices, check_int, check_optional_bool
+from .core.validate import check_arguments, check_indices, check_int
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
+_ARGUMENTS = {
+    "int": {"dim": 1, "codebook_size": 1, "heads": 1, "kmeans_iters": 0},
+    "optional_int": {"codebook_dim": 1, "orthogonal_reg_max_codes": 1},
+    "float": {"decay": (0.0, 1.0), "eps": (0.0, None), "threshold_ema_dead_code": (0.0, None),
+              "commitment_weight": (0.0, None), "orthogonal_reg_weight": (0.0, None),
+              "codebook_diversity_loss_weight": (0.0, None), "codebook_diversity_temperature": (None, None),
+              "sample_codebook_temp": (0.0, None), "directional_reparam_variance": (0.0, None),
+              "affine_param_batch_decay": (0.0, 1.0), "affine_param_codebook_decay": (0.0, 1.0),
+              "sync_update_v": (0.0, 1.0)},
+    "bool": ("separate_codebook_per_head", "freeze_codebook", "kmeans_init", "sync_kmeans", "use_cosine_sim",
+             "layernorm_after_project_in", "channel_last", "accept_image_fmap", "accept_3d_fmap",
+             "commitment_use_cross_entropy_loss", "orthogonal_reg_active_codes_only", "stochastic_sample_codes",
+             "straight_through", "directional_reparam", "sync_affine_param", "manual_ema_update",
+             "manual_in_place_optimizer_update", "affine_param", "return_zeros_for_masked_padding",
+             "route_gradients_to_input"),
+    "optional_bool": ("rotation_trick", "sync_codebook", "ema_update", "learnable_codebook"),
+}  # fmt: skip
+
+# (arguments that cannot be combined, the error): checked after the defaults that depend on others are resolved
+_INCOMPATIBLE = [
+    (lambda a: a["accept_image_fmap"] and a["accept_3d_fmap"], "accept_image_fmap and accept_3d_fmap cannot both be True"),
+    (lambda a: a["use_cosine_sim"] and a["learnable_codebook"], "use_cosine_sim=True is not supported with a learnable codebook"),
+    (lambda a: a["ema_update"] and a["learnable_codebook"],
+     "learnable_codebook=True requires ema_update=False (the codebook learns by gradients)"),
+    (lambda a: a["straight_through"] and a["learnable_codebook"],
+     "straight_through=True (Gumbel straight-through) is not supported with a learnable codebook"),
+    (lambda a: a["vq_bridge"] is not None and not a["learnable_codebook"], "vq_bridge requires learnable_codebook=True"),
+    (lambda a: a["directional_reparam"] and a["threshold_ema_dead_code"] == 0,
+     "directional_reparam=True requires threshold_ema_dead_code > 0 (dead-code replacement)"),
+    (lambda a: a["sync_update_v"] > 0 and not a["learnable_codebook"], "sync_update_v > 0 requires learnable_codebook=True"),
+    (lambda a: a["affine_param"] and a["use_cosine_sim"],
+     "affine_param=True is only supported with Euclidean distance (use_cosine_sim=False)"),
+    (lambda a: a["in_place_codebook_optimizer"] is not None and not a["learnable_codebook"],
+     "in_place_codebook_optimizer requires learnable_codebook=True"),
+]  # fmt: skip
+
 
 def _validate(args: dict) -> None:
-    check_int("dim", args["dim"], minimum=1)
-    check_int("codebook_size", args["codebook_size"], minimum=1)
-    if args["codebook_dim"] is not None:
-        check_int("codebook_dim", args["codebook_dim"], minimum=1)
-    check_int("heads", args["heads"], minimum=1)
-    check_int("kmeans_iters", args["kmeans_iters"], minimum=0)
-    check_float("decay", args["decay"], minimum=0.0, maximum=1.0)
-    check_float("eps", args["eps"], minimum=0.0)
-    check_float("threshold_ema_dead_code", args["threshold_ema_dead_code"], minimum=0.0)
-    check_float("commitment_weight", args["commitment_weight"], minimum=0.0)
-    check_float("orthogonal_reg_weight", args["orthogonal_reg_weight"], minimum=0.0)
-    if args["orthogonal_reg_max_codes"] is not None:
-        check_int("orthogonal_reg_max_codes", args["orthogonal_reg_max_codes"], minimum=1)
-    check_float("codebook_diversity_loss_weight", args["codebook_diversity_loss_weight"], minimum=0.0)
-    check_float("codebook_diversity_temperature", args["codebook_diversity_temperature"])
-    check_float("sample_codebook_temp", args["sample_codebook_temp"], minimum=0.0)
-    check_float("directional_reparam_variance", args["directional_reparam_variance"], minimum=0.0)
-    check_float("affine_param_batch_decay", args["affine_param_batch_decay"], minimum=0.0, maximum=1.0)
-    check_float("affine_param_codebook_decay", args["affine_param_codebook_decay"], minimum=0.0, maximum=1.0)
-    check_float("sync_update_v", args["sync_update_v"], minimum=0.0, maximum=1.0)
-    for name in (
-        "separate_codebook_per_head",
-        "freeze_codebook",
-        "kmeans_init",
-        "sync_kmeans",
-        "use_cosine_sim",
-        "layernorm_after_project_in",
-        "channel_last",
-        "accept_image_fmap",
-        "accept_3d_fmap",
-        "commitment_use_cross_entropy_loss",
-        "orthogonal_reg_active_codes_only",
-        "stochastic_sample_codes",
-        "straight_through",
-        "directional_reparam",
-        "sync_affine_param",
-        "manual_ema_update",
-        "manual_in_place_optimizer_update",
-        "affine_param",
-        "return_zeros_for_masked_padding",
-        "route_gradients_to_input",
-    ):
-        check_bool(name, args[name])
-    for name in ("rotation_trick", "sync_codebook", "ema_update", "learnable_codebook"):
-        check_optional_bool(name, args[name])
-    if args["accept_image_fmap"] and args["accept_3d_fmap"]:
-        raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
+    check_arguments(args, **_ARGUMENTS)
     if args["vq_bridge"] is not None and not isinstance(args["vq_bridge"], nn.Module):
         raise TypeError(f"vq_bridge must be an nn.Module, got {type(args['vq_bridge']).__name__}")
     if args["in_place_codebook_optimizer"] is not None and not callable(args["in_place_codebook_optimizer"]):
         raise TypeError("in_place_codebook_optimizer must be a callable params -> torch.optim.Optimizer")
 
 
-def _resolve_estimator(straight_through: bool, rotation_trick: bool | None, directional_reparam: bool, dim: int):
-    """The reference turns the rotation trick on by default; asking for another estimator turns it off."""
+def _resolve_defaults(a: dict) -> tuple[bool, bool, bool]:
+    """``(ema_update, learnable_codebook, rotation_trick)`` with their defaults resolved: a bridge or DiVeQ learns
+    the codebook by gradients; the rotation trick is the estimator unless another one is asked for."""
+    has_bridge = a["vq_bridge"] is not None
+    ema_update = (not a["directional_reparam"] and not has_bridge) if a["ema_update"] is None else a["ema_update"]
+    learnable = a["learnable_codebook"]
+    learnable = (a["directional_reparam"] or has_bridge) if learnable is None else learnable
+    rotation_trick = a["rotation_trick"]
     if rotation_trick is None:
-        rotation_trick = not (straight_through or directional_reparam) and dim > 1
-    chosen = [name for name, on in [("straight_through", straight_through), ("rotation_trick", rotation_trick),
-                                    ("directional_reparam", directional_reparam)] if on]  # fmt: skip
+        rotation_trick = not (a["straight_through"] or a["directional_reparam"]) and a["dim"] > 1
+    chosen = [name for name in ("straight_through", "rotation_trick", "directional_reparam")
+              if (rotation_trick if name == "rotation_trick" else a[name])]  # fmt: skip
     if len(chosen) > 1:
         raise ValueError(f"at most one gradient estimator may be chosen, got {' and '.join(chosen)} all True")
-    return rotation_trick
+    resolved = {**a, "ema_update": ema_update, "learnable_codebook": learnable}
+    for incompatible, message in _INCOMPATIBLE:
+        if incompatible(resolved):
+            raise ValueError(message)
+    return ema_update, learnable, rotation_trick
+
+
+_SHAPES = {4: "(b, c, h, w)", 5: "(b, c, t, h, w)"}
+
+# constructor arguments kept as attributes of the same name, and those handed to the Codebook
+_STORED_OPTIONS = (
+    "eps", "commitment_weight", "commitment_use_cross_entropy_loss", "orthogonal_reg_weight",
+    "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes", "codebook_diversity_loss_weight",
+    "codebook_diversity_temperature", "stochastic_sample_codes", "sample_codebook_temp", "straight_through",
+    "directional_reparam", "directional_reparam_variance", "sync_update_v", "use_cosine_sim",
+    "return_zeros_for_masked_padding", "route_gradients_to_input", "freeze_codebook", "accept_image_fmap",
+    "accept_3d_fmap", "channel_last", "vq_bridge", "manual_in_place_optimizer_update",
+)  # fmt: skip
+_CODEBOOK_OPTIONS = (
+    "kmeans_init", "kmeans_iters", "sync_kmeans", "decay", "eps", "threshold_ema_dead_code", "manual_ema_update",
+    "use_cosine_sim", "affine_param", "sync_affine_param", "affine_param_batch_decay",
+    "affine_param_codebook_decay", "sync_codebook",
+)  # fmt: skip
 
 
 class VectorQuantize(nn.Module):
@@ -196,104 +222,44 @@ class VectorQuantize(nn.Module):
         route_gradients_to_input: bool = True,
     ):
         super().__init__()
-        _validate(dict(locals()))
-        has_bridge = vq_bridge is not None
-        ema_update = (not directional_reparam and not has_bridge) if ema_update is None else ema_update
-        learnable_codebook = (directional_reparam or has_bridge) if learnable_codebook is None else learnable_codebook
-        rotation_trick = _resolve_estimator(straight_through, rotation_trick, directional_reparam, dim)
-        self._check_compatibility(locals())
-
+        args = dict(locals())
+        _validate(args)
+        ema_update, learnable_codebook, rotation_trick = _resolve_defaults(args)
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        codebook_input_dim = codebook_dim * heads
-        self.dim = dim
-        self.heads = heads
-        self.codebook_dim = codebook_dim
-        self.codebook_size = codebook_size
+        self.dim, self.heads, self.codebook_dim, self.codebook_size = dim, heads, codebook_dim, codebook_size
         self.separate_codebook_per_head = separate_codebook_per_head
-        self.has_projections = codebook_input_dim != dim
-        if self.has_projections:
-            layers = [nn.Linear(dim, codebook_input_dim)]
-            if layernorm_after_project_in:
-                layers.append(nn.LayerNorm(codebook_input_dim))
-            self.project_in = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
-            self.project_out = nn.Linear(codebook_input_dim, dim)
-        else:
-            self.project_in = nn.Identity()
-            self.project_out = nn.Identity()
+        self.head_split = HeadSplit(heads, codebook_dim, separate_codebook_per_head)
+        self._build_projections(dim, codebook_dim * heads, layernorm_after_project_in)
 
-        self.eps = eps
-        self.commitment_weight = commitment_weight
         self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
-        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
-        self.orthogonal_reg_weight = orthogonal_reg_weight
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
-        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
-        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
         self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0
-        self.codebook_diversity_temperature = codebook_diversity_temperature
-        self.stochastic_sample_codes = stochastic_sample_codes
-        self.sample_codebook_temp = sample_codebook_temp
-        self.straight_through = straight_through
         self.rotation_trick = rotation_trick
-        self.directional_reparam = directional_reparam
-        self.directional_reparam_variance = directional_reparam_variance
-        self.sync_update_v = sync_update_v
         self.learnable_codebook = learnable_codebook
-        self.use_cosine_sim = use_cosine_sim
-        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
-        self.route_gradients_to_input = route_gradients_to_input
-        self.freeze_codebook = freeze_codebook
-        self.accept_image_fmap = accept_image_fmap
-        self.accept_3d_fmap = accept_3d_fmap
-        self.channel_last = channel_last
-        self.vq_bridge = vq_bridge
+        for name in _STORED_OPTIONS:
+            setattr(self, name, args[name])
 
         self._codebook = Codebook(
             codebook_dim,
             codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
-            kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters,
-            sync_kmeans=sync_kmeans,
-            decay=decay,
-            eps=eps,
-            threshold_ema_dead_code=threshold_ema_dead_code,
             learnable_codebook=learnable_codebook or self.has_codebook_orthogonal_loss,
             ema_update=ema_update,
-            manual_ema_update=manual_ema_update,
-            use_cosine_sim=use_cosine_sim,
-            affine_param=affine_param,
-            sync_affine_param=sync_affine_param,
-            affine_param_batch_decay=affine_param_batch_decay,
-            affine_param_codebook_decay=affine_param_codebook_decay,
-            sync_codebook=sync_codebook,
+            **{name: args[name] for name in _CODEBOOK_OPTIONS},
         )
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer else None
         )
-        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
 
-    @staticmethod
-    def _check_compatibility(a: dict) -> None:
-        if a["use_cosine_sim"] and a["learnable_codebook"]:
-            raise ValueError("use_cosine_sim=True is not supported with a learnable codebook")
-        if a["ema_update"] and a["learnable_codebook"]:
-            raise ValueError("learnable_codebook=True requires ema_update=False (the codebook learns by gradients)")
-        if a["straight_through"] and a["learnable_codebook"]:
-            raise ValueError(
-                "straight_through=True (Gumbel straight-through) is not supported with a learnable codebook"
-            )
-        if a["vq_bridge"] is not None and not a["learnable_codebook"]:
-            raise ValueError("vq_bridge requires learnable_codebook=True")
-        if a["directional_reparam"] and a["threshold_ema_dead_code"] == 0:
-            raise ValueError("directional_reparam=True requires threshold_ema_dead_code > 0 (dead-code replacement)")
-        if a["sync_update_v"] > 0 and not a["learnable_codebook"]:
-            raise ValueError("sync_update_v > 0 requires learnable_codebook=True")
-        if a["affine_param"] and a["use_cosine_sim"]:
-            raise ValueError("affine_param=True is only supported with Euclidean distance (use_cosine_sim=False)")
-        if a["in_place_codebook_optimizer"] is not None and not a["learnable_codebook"]:
-            raise ValueError("in_place_codebook_optimizer requires learnable_codebook=True")
+    def _build_projections(self, dim: int, codebook_input_dim: int, layernorm_after_project_in: bool) -> None:
+        self.has_projections = codebook_input_dim != dim
+        if not self.has_projections:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+            return
+        project_in = nn.Linear(dim, codebook_input_dim)
+        if layernorm_after_project_in:
+            project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
+        self.project_in, self.project_out = project_in, nn.Linear(codebook_input_dim, dim)
 
     # ------------------------------------------------------------------ public state
 
@@ -332,78 +298,67 @@ class VectorQuantize(nn.Module):
             codes = cb.affine_codes(codes)
         return codes
 
-    # ------------------------------------------------------------------ layout helpers
+    # ------------------------------------------------------------------ for containers (ResidualVQ)
 
-    def _layout(self, x: Tensor) -> TokenLayout:
-        expected = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not torch.is_floating_point(x):
-            raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
-        if expected is not None and x.ndim != expected:
-            names = "(b, c, h, w)" if expected == 4 else "(b, c, t, h, w)"
-            raise ValueError(f"x must have shape {names} with c = {self.dim}, got {tuple(x.shape)}")
-        if expected is None and x.ndim not in (2, 3):
-            layout = "(b, n, dim)" if self.channel_last else "(b, dim, n)"
-            raise ValueError(f"x must have shape {layout} or (b, dim) with dim = {self.dim}, got {tuple(x.shape)}")
-        channel_first = expected is not None or not self.channel_last
-        layout = TokenLayout.of(x, channel_first=channel_first)
-        feature_axis = 1 if (channel_first and not layout.single_token) else -1
-        if x.shape[feature_axis] != self.dim:
-            raise ValueError(f"x must have {self.dim} features on axis {feature_axis}, got shape {tuple(x.shape)}")
-        return layout
+    def share_codebook(self, other: VectorQuantize) -> None:
+        """Use ``other``'s codebook (its codes and statistics) from now on, as RQ-VAE's shared codebook does."""
+        self._codebook = other._codebook
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        """``(b, n, h * d)`` -> ``(c, N, d)``: one row block per codebook (shared heads stack their tokens)."""
-        b, n, _ = x.shape
-        x = x.reshape(b, n, self.heads, self.codebook_dim)
-        if self.separate_codebook_per_head:
-            return x.permute(2, 0, 1, 3).reshape(self.heads, b * n, self.codebook_dim)
-        return x.reshape(1, b * n * self.heads, self.codebook_dim)
+    def needs_kmeans_init(self) -> bool:
+        """Whether the next training step k-means-initialises the codebook (its codes are zeros until then)."""
+        return self._codebook.needs_kmeans_init()
 
-    def _merge_heads(self, t: Tensor, b: int, n: int) -> Tensor:
-        """Inverse of :meth:`_split_heads` for ``(c, N, *tail)`` -> ``(b, n, h, *tail)``."""
-        tail = t.shape[2:]
-        if self.separate_codebook_per_head:
-            return t.reshape(self.heads, b, n, *tail).movedim(0, 2)
-        return t.reshape(b, n, self.heads, *tail)
+    def to_codebook_space(self, tokens: Tensor) -> Tensor:
+        """Tokens as the rows the codebooks match: projected in, split into heads, l2-normalised for cosine.
 
-    def _token_valid(self, mask: Tensor | None, b: int, n: int) -> Tensor | None:
-        """``(b, n)`` mask -> ``(c, N)`` in the row order of :meth:`_split_heads`."""
-        if mask is None:
-            return None
-        per_head = mask.unsqueeze(-1).expand(b, n, self.heads)
-        if self.separate_codebook_per_head:
-            return per_head.permute(2, 0, 1).reshape(self.heads, b * n)
-        return per_head.reshape(1, b * n * self.heads)
+        Shape:
+            - tokens: ``(b, n, dim)``
+            - output: ``(c, N, codebook_dim)`` float32 (:class:`~vector_quantize_pytorch.core.layout.HeadSplit`)
+        """
+        rows = as_float32(self.head_split.split(self.project_in(tokens)))
+        return F.normalize(rows, dim=-1) if self.use_cosine_sim else rows
 
-    def _to_codebook_space(self, tokens: Tensor) -> Tensor:
-        flat = as_float32(self._split_heads(project(self.project_in, tokens)))
-        return F.normalize(flat, dim=-1) if self.use_cosine_sim else flat
+    @torch.no_grad()
+    def maintain_codebook_(self, rows: Tensor, valid: Tensor, *, apply_ema: bool) -> None:
+        """A codebook maintenance pass over given rows: apply the accumulated EMA step (``apply_ema``), step
+        the in-place optimiser when a rank had a valid row, and replace dead codes by valid rows.
 
-    def _inputs(self, x: Tensor, mask: Tensor | None, lens: Tensor | None):
-        layout = self._layout(x)
-        tokens = layout.to_tokens(x)
-        b, n = tokens.shape[:2]
-        if mask is not None and lens is not None:
-            raise ValueError("pass either mask or lens, not both")
-        if lens is not None:
-            mask = lens_to_mask(lens, n)
-        if mask is not None:
-            mask = check_mask(layout.mask_to_tokens(mask), b, n)
-        return layout, tokens, mask
+        Shape:
+            - rows: ``(c, N, codebook_dim)`` (:meth:`to_codebook_space`), valid: ``(c, N)`` bool
+        """
+        if apply_ema:
+            self._codebook.update_ema()
+        self.update_in_place_optimizer_if_rows(valid.sum())
+        self._codebook.expire_codes_(rows, valid)
+
+    # ------------------------------------------------------------------ input
+
+    def _parse(self, x: Tensor, mask=None, lens=None) -> TokenInput:
+        fmap = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
+        return parse_input(
+            x,
+            dim=self.dim,
+            channel_first=fmap is not None or not self.channel_last,
+            ndim=fmap or (2, 3),
+            mask=mask,
+            lens=lens,
+            layout_hint={3: "channel_last=False", 4: "accept_image_fmap=True", 5: "accept_3d_fmap=True"},
+            shapes=_SHAPES[fmap]
+            if fmap
+            else "(b, n, dim) or (b, dim)"
+            if self.channel_last
+            else "(b, dim, n) or (b, dim)",
+        )
 
     # ------------------------------------------------------------------ search
 
     def _select_codes(self, flat: Tensor, codes: Tensor, temperature: float, topk: int | None):
         """Indices ``(c, N)`` (or ``(c, N, k)``) and, when a loss needs them, the distance logits."""
         sampling = self.training and self.stochastic_sample_codes and temperature > 0
-        needs_logits = self._needs_logits()
-        logits = None
         if topk is not None:
             _, indices = topk_codes(flat.detach(), codes.detach(), topk, cosine=self.use_cosine_sim)
             return indices, None
-        if needs_logits:
+        if self._needs_logits():
             logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
             scores = logits.detach()
             if sampling:
@@ -441,48 +396,47 @@ class VectorQuantize(nn.Module):
         forced_indices: Tensor | None = None,
     ):
         """See the class docstring. ``forced_indices`` (as forward returns indices) skips the search and
-        quantizes to those codes, with the usual estimator, losses and statistics (used after a beam search)."""
-        layout, tokens, mask = self._inputs(x, mask, lens)
-        b, n = tokens.shape[:2]
+        quantizes to those codes, with the usual estimator, losses and statistics (used after a beam search).
+
+        ``codebook_transform_fn`` maps the codes ``(c, K, d)`` to one codebook per token ``(c, b, n, K, d)``
+        (QINCo's implicit codebook); a :class:`~vector_quantize_pytorch.core.search.TokenConditionedCodes`
+        does so without building every token's codebook at once. It needs a learnable codebook, one head and
+        no ``topk``/``indices``."""
+        parsed = self._parse(x, mask, lens)
         topk = self._check_topk(topk)
-        freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        if codebook_transform_fn is not None:
-            raise NotImplementedError(
-                "codebook_transform_fn is used by ResidualVQ(implicit_neural_codebook=True); call that instead"
-            )
-
+        self._check_transform(codebook_transform_fn, topk, indices)
+        options = dict(
+            freeze_codebook=self.freeze_codebook if freeze_codebook is None else freeze_codebook,
+            temperature=self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp,
+            ema_update_weight=ema_update_weight, accumulate=accum_ema_update, ema_update=ema_update,
+        )  # fmt: skip
         if indices is not None:
-            self._check_forward_indices("indices", indices, layout, b, check_values=True)
+            self._check_forward_indices("indices", indices, parsed.layout, parsed.batch, check_values=True)
         if forced_indices is not None:
-            self._check_forward_indices("forced_indices", forced_indices, layout, b)
+            self._check_forward_indices("forced_indices", forced_indices, parsed.layout, parsed.batch)
 
-        flat = self._to_codebook_space(tokens)
+        flat = self.to_codebook_space(parsed.tokens)
         # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it); the
         # projections (project_in above, project_out in _outputs) run under the caller's autocast
         with torch.autocast(flat.device.type, enabled=False):
-            result = self._quantize(
-                flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature,
-                ema_update_weight, accum_ema_update, ema_update, forced_indices,
-            )  # fmt: skip
+            result = self._quantize(flat, parsed, indices, topk, forced_indices, codebook_transform_fn, **options)
         if indices is not None:
-            return result  # (quantized in codebook space, cross-entropy)
+            return self._cross_entropy_path(*result, indices, parsed, x.dtype)
         out, code_indices, loss, breakdown = result
-        quantized, out_indices = self._outputs(out, code_indices, x, tokens, layout, mask, b, n)
+        quantized, out_indices = self._outputs(out, code_indices, x.dtype, parsed)
         if return_loss_breakdown:
             return quantized, out_indices, loss, breakdown
         return quantized, out_indices, loss
 
     def _quantize(
-        self, flat, x, tokens, layout, mask, indices, topk, freeze_codebook, temperature,
-        ema_update_weight, accum_ema_update, ema_update, forced_indices,
+        self, flat, parsed, indices, topk, forced_indices, transform, *,
+        freeze_codebook, temperature, ema_update_weight, accumulate, ema_update,
     ):  # fmt: skip
         """The pipeline on codebook-space rows ``flat`` ``(c, N, d)``: search, statistics, estimator, losses.
 
         Returns the quantized rows ``(c, N, d)`` (before ``project_out``), their indices, the loss and its
-        breakdown; with ``indices`` given, the cross-entropy path's result."""
-        b, n = tokens.shape[:2]
-        token_valid = self._token_valid(mask, b, n)
+        breakdown; with ``indices`` given, what the cross-entropy path needs."""
+        token_valid = None if parsed.mask is None else self.head_split.rows_of(parsed.mask)
         rows = detached(flat)
         valid = valid_rows(rows, token_valid)
         updates_state = self.training and not freeze_codebook
@@ -493,42 +447,58 @@ class VectorQuantize(nn.Module):
             # the EMA step below rewrites the buffer; the Gumbel estimator and the cross-entropy path use this
             # step's codes after it (everything else uses the codes gathered before it)
             codes = codes.clone()
-        if forced_indices is None:
-            code_indices, logits = self._select_codes(flat, codes, temperature, topk)
-        else:
-            code_indices = self._indices_to_rows(forced_indices, layout, b, n).clamp(min=0)
-            logits = distance_logits(flat, codes, cosine=self.use_cosine_sim) if self._needs_logits() else None
-        quantize = gather_codes(codes, code_indices)
+        code_indices, logits, quantize = self._search(flat, codes, parsed, topk, forced_indices, transform, temperature)
 
-        zero = self._zero(flat)
-        inplace_loss = zero
+        inplace_loss = zero = torch.zeros((), device=flat.device, dtype=torch.float32)
         if self.in_place_codebook_optimizer is not None and updates_state:
             inplace_loss, quantize, code_indices, codes = self._in_place_optimize(flat, quantize, valid, temperature)
-
         if updates_state and topk is None:
             ema_on = self.ema_update if ema_update is None else ema_update
-            self._codebook.update_(
-                rows,
-                code_indices,
-                valid,
-                ema_update=ema_on,
-                weight=ema_update_weight,
-                accumulate=accum_ema_update,
-            )
+            self._codebook.update_(rows, code_indices, valid, ema_update=ema_on, weight=ema_update_weight,
+                                   accumulate=accumulate)  # fmt: skip
 
         commit_quantize = quantize if (self.learnable_codebook and not freeze_codebook) else detached(quantize)
         out = self._route_gradients(flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk)
-
+        if transform is not None and self.training:
+            out = estimators.attach_gradient(out, out + quantize - detached(quantize))  # to the transform
         if indices is not None:
-            return self._cross_entropy_path(flat, codes, out, indices, layout, b, n, token_valid, x.dtype)
-
+            return flat, codes, out, token_valid
         breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero)
-        loss = self._total_loss(breakdown, topk, b, n, layout, token_valid)
-        return out, code_indices, loss, breakdown
+        return out, code_indices, self._total_loss(breakdown, topk, parsed, token_valid), breakdown
 
-    def _check_forward_indices(
-        self, name: str, indices, layout: TokenLayout, b: int, *, check_values: bool = False
-    ) -> None:
+    def _search(self, flat, codes, parsed: TokenInput, topk, forced_indices, transform, temperature):
+        """``(indices, logits, quantize)``: the codes chosen for the rows (searched or forced) and, when a loss
+        needs them, the distance logits."""
+        logits = None
+        if forced_indices is not None:
+            code_indices = self._indices_to_rows(forced_indices, parsed).clamp(min=0)
+            if self._needs_logits():
+                logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
+        elif transform is not None:
+            code_indices = self._transformed(transform, parsed).nearest(detached(flat), codes)
+        else:
+            code_indices, logits = self._select_codes(flat, codes, temperature, topk)
+        if transform is not None:
+            return code_indices, logits, self._transformed(transform, parsed).gather(codes, code_indices)
+        return code_indices, logits, gather_codes(codes, code_indices)
+
+    @staticmethod
+    def _transformed(transform, parsed: TokenInput) -> TokenConditionedCodes:
+        if isinstance(transform, TokenConditionedCodes):
+            return transform
+        return TokenConditionedCodes.materialized(transform, parsed.batch, parsed.num_tokens)
+
+    def _check_transform(self, transform, topk, indices) -> None:
+        if transform is None:
+            return
+        if not callable(transform):
+            raise TypeError(f"codebook_transform_fn must be callable, got {type(transform).__name__}")
+        if self.heads != 1 or topk is not None or indices is not None or self.ema_update:
+            raise ValueError(
+                "codebook_transform_fn needs heads=1, a learnable codebook (ema_update=False) and no topk or indices"
+            )
+
+    def _check_forward_indices(self, name: str, indices, layout: TokenLayout, b: int, *, check_values=False) -> None:
         """Indices given to forward: an integer tensor shaped as forward returns indices for this input, with
         values in ``[0, codebook_size)`` or -1 (ignored, as at masked positions). The value check reads one
         value on the host (skipped while compiling)."""
@@ -556,9 +526,6 @@ class VectorQuantize(nn.Module):
             raise ValueError("topk is not supported in training with a cross-entropy commitment or in-place optimizer")
         return topk
 
-    def _zero(self, like: Tensor) -> Tensor:
-        return torch.zeros((), device=like.device, dtype=torch.float32)
-
     def _prepare_codebook(self, flat: Tensor, valid: Tensor, updates_state: bool) -> None:
         """k-means initialisation and affine statistics: training only (eval never changes state)."""
         if not updates_state:
@@ -574,9 +541,7 @@ class VectorQuantize(nn.Module):
         """One optimiser step on the codebook inside forward (vqtorch's alternating update), then search again.
 
         Rows that are masked or not finite give no gradient (they are zeroed before the squared error, so no
-        ``NaN * 0`` reaches the codes); when no rank has a valid row the codes are restored after the step,
-        so an optimiser with momentum or weight decay cannot move them on a batch with nothing to learn from.
-        """
+        ``NaN * 0`` reaches the codes); a batch where no rank has a valid row leaves the codes as they were."""
         loss = losses.commitment_loss(flat.detach(), quantize, valid)
         loss.backward()
         if not self.manual_in_place_optimizer_update:
@@ -608,8 +573,7 @@ class VectorQuantize(nn.Module):
     def _losses(self, flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero):
         commitment = diversity = orthogonal = zero
         if topk is not None:
-            x = flat.unsqueeze(2)
-            commitment = (x - commit_quantize).pow(2).mean(-1)  # (c, N, k) per-token losses
+            commitment = (flat.unsqueeze(2) - commit_quantize).pow(2).mean(-1)  # (c, N, k) per-token losses
         elif self.training and self.has_commitment_loss:
             if self.commitment_use_cross_entropy_loss:
                 target = torch.where(valid, code_indices, torch.full_like(code_indices, -1))
@@ -619,78 +583,58 @@ class VectorQuantize(nn.Module):
         if self.training and self.has_codebook_diversity_loss:
             diversity = losses.codebook_diversity_loss(logits, self.codebook_diversity_temperature, valid)
         if self.training and self.has_codebook_orthogonal_loss:
-            orthogonal = self._orthogonal_loss(code_indices, valid)
+            codes, used = self._codebook.orthogonal_reg_codes(
+                code_indices, valid, self.orthogonal_reg_active_codes_only, self.orthogonal_reg_max_codes
+            )
+            orthogonal = losses.orthogonal_loss(codes, used)
         return LossBreakdown(commitment, diversity, orthogonal, inplace_loss)
 
-    def _orthogonal_loss(self, code_indices: Tensor, valid: Tensor) -> Tensor:
-        """Orthogonal regulariser over all codes, or over those used in this batch, optionally on a random
-        subset of at most ``orthogonal_reg_max_codes`` (fixed shapes: no ``unique``, no host sync)."""
-        codes = self._codebook.embed
-        c, num_codes, _ = codes.shape
-        used = torch.ones(c, num_codes, dtype=torch.bool, device=codes.device)
-        if self.orthogonal_reg_active_codes_only:
-            counts = torch.zeros(c, num_codes, device=codes.device)
-            counts.scatter_add_(1, code_indices.reshape(c, -1), valid.reshape(c, -1).float())
-            used = counts > 0
-        if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-            keys = torch.rand(c, num_codes, device=codes.device).masked_fill(~used, 2.0)
-            chosen = keys.argsort(dim=-1)[:, : self.orthogonal_reg_max_codes]
-            codes = codes.gather(1, chosen.unsqueeze(-1).expand(-1, -1, codes.shape[-1]))
-            used = used.gather(1, chosen)
-        return losses.orthogonal_loss(codes, used)
-
-    def _total_loss(self, breakdown: LossBreakdown, topk, b: int, n: int, layout: TokenLayout, token_valid):
+    def _total_loss(self, breakdown: LossBreakdown, topk, parsed: TokenInput, token_valid):
         total = breakdown.commitment * self.commitment_weight if self.has_commitment_loss else breakdown.commitment
         if topk is not None:
-            total = self._merge_heads(total, b, n)[:, :, 0]  # (b, n, k)
+            total = self.head_split.merge(total, parsed.batch, parsed.num_tokens)[:, :, 0]  # (b, n, k)
             if token_valid is not None:
-                total = total * token_valid.reshape(b, n, 1).to(total.dtype)
-            total = layout.indices_from_tokens(total)
+                total = total * parsed.mask.unsqueeze(-1).to(total.dtype)
+            total = parsed.layout.indices_from_tokens(total)
         if self.training and self.has_codebook_diversity_loss:
             total = total + breakdown.codebook_diversity * self.codebook_diversity_loss_weight
         if self.training and self.has_codebook_orthogonal_loss:
             total = total + breakdown.orthogonal_reg * self.orthogonal_reg_weight
         return total
 
-    def _outputs(self, out, code_indices, x, tokens, layout, mask, b, n):
+    def _outputs(self, out: Tensor, code_indices: Tensor, dtype: torch.dtype, parsed: TokenInput):
         """Merge heads, project out, fill masked positions and restore the input layout."""
-        dtype = x.dtype
-        if code_indices.ndim == 3:  # top-k: (c, N, k) -> (b, n, k, d)
-            q = self._merge_heads(out, b, n)[:, :, 0]
-            idx = self._merge_heads(code_indices, b, n)[:, :, 0]
+        b, n, mask = parsed.batch, parsed.num_tokens, parsed.mask
+        q, idx = self.head_split.merge(out, b, n), self.head_split.merge(code_indices, b, n)
+        if code_indices.ndim == 3:  # top-k: (b, n, 1, k, d) -> (b, n, k, d)
+            q, idx = q[:, :, 0], idx[:, :, 0]
         else:
-            q = self._merge_heads(out, b, n).flatten(2)
-            idx = self._merge_heads(code_indices, b, n)
+            q = q.flatten(2)
             idx = idx[..., 0] if self.heads == 1 else idx
         q = as_dtype(self._project_out(as_dtype(q, dtype)), dtype)
         if mask is not None:
-            fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
+            fill = torch.zeros_like(parsed.tokens) if self.return_zeros_for_masked_padding else parsed.tokens
             if q.ndim == 4:
                 fill = fill.unsqueeze(2)
-            expand = (...,) + (None,) * (q.ndim - 2)
-            q = torch.where(mask[expand], q, fill)
+            q = torch.where(mask[(...,) + (None,) * (q.ndim - 2)], q, fill)
             idx = torch.where(mask[(...,) + (None,) * (idx.ndim - 2)], idx, torch.full_like(idx, -1))
-        return layout.from_tokens(q), layout.indices_from_tokens(idx)
+        return parsed.layout.from_tokens(q), parsed.layout.indices_from_tokens(idx)
 
-    def _cross_entropy_path(self, flat, codes, out, indices, layout, b, n, token_valid, dtype):
+    def _cross_entropy_path(self, flat, codes, out, token_valid, indices, parsed: TokenInput, dtype):
         """NaturalSpeech 2: cross-entropy of the distance logits against given code indices.
 
-        Returns the quantized tokens in codebook space (before ``project_out``, as the reference does),
-        heads merged, in the input's layout, and the cross-entropy."""
-        target = self._indices_to_rows(indices, layout, b, n)
+        Returns the quantized tokens in codebook space (before ``project_out``), heads merged, in the input's
+        layout, and the cross-entropy."""
+        target = self._indices_to_rows(indices, parsed)
         if token_valid is not None:
             target = torch.where(token_valid, target, torch.full_like(target, -1))
-        logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
-        ce = losses.cross_entropy_to_codes(logits, target)
-        q = self._merge_heads(out, b, n).flatten(2).to(dtype)
-        return layout.from_tokens(q), ce
+        ce = losses.cross_entropy_to_codes(distance_logits(flat, codes, cosine=self.use_cosine_sim), target)
+        q = self.head_split.merge(out, parsed.batch, parsed.num_tokens).flatten(2).to(dtype)
+        return parsed.layout.from_tokens(q), ce
 
-    def _indices_to_rows(self, indices: Tensor, layout: TokenLayout, b: int, n: int) -> Tensor:
-        """User indices ``(b, ...)`` / ``(b, ..., h)`` -> ``(c, N)`` rows of :meth:`_split_heads`."""
-        idx = indices.reshape(b, n, self.heads).long()
-        if self.separate_codebook_per_head:
-            return idx.permute(2, 0, 1).reshape(self.heads, b * n)
-        return idx.reshape(1, b * n * self.heads)
+    def _indices_to_rows(self, indices: Tensor, parsed: TokenInput) -> Tensor:
+        """User indices ``(b, ...)`` / ``(b, ..., h)`` -> ``(c, N)`` rows of the head split."""
+        return self.head_split.rows_of(indices.reshape(parsed.batch, parsed.num_tokens, self.heads).long())
 
     # ------------------------------------------------------------------ decode and maintenance
 
@@ -702,8 +646,7 @@ class VectorQuantize(nn.Module):
             - output: ``(b, ..., heads * codebook_dim)``, channel-first (``(b, d, ...)``) when the
               quantizer takes channel-first inputs
         """
-        codes = self._codes_channel_last(indices)
-        return self._channel_first(codes)
+        return self._channel_first(self._codes_channel_last(indices))
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """What forward outputs for these indices (eval mode): codes projected out, in the input layout.
@@ -712,10 +655,9 @@ class VectorQuantize(nn.Module):
             - indices: ``(b, ...)`` or ``(b, ..., heads)``
             - output: ``(b, ..., dim)`` (channel-first for channel-first quantizers)
         """
-        codes = self._codes_channel_last(indices)
-        out = self._project_out(codes)
-        missing = self._missing(indices)
-        if missing is not None and self.return_zeros_for_masked_padding:
+        out = self._project_out(self._codes_channel_last(indices))
+        if self.return_zeros_for_masked_padding:
+            missing = (indices < 0).all(dim=-1) if self.heads > 1 else indices < 0
             out = out.masked_fill(missing.unsqueeze(-1), 0.0)
         return self._channel_first(out)
 
@@ -724,47 +666,29 @@ class VectorQuantize(nn.Module):
         forward and decoding run the same kernel on the same rows whatever the layout (bit-identical outputs)."""
         if not self.has_projections:
             return t
-        lead = t.shape[:-1]
-        return project(self.project_out, t.reshape(-1, t.shape[-1])).reshape(*lead, self.dim)
-
-    def _missing(self, indices: Tensor) -> Tensor | None:
-        if self.heads > 1:
-            return (indices < 0).all(dim=-1)
-        return indices < 0
+        return self.project_out(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], self.dim)
 
     def _codes_channel_last(self, indices: Tensor) -> Tensor:
         check_indices("indices", indices, min_ndim=1 if self.heads > 1 else 0)
-        heads_axis = self.heads > 1
-        if heads_axis and indices.shape[-1] != self.heads:
+        if self.heads > 1 and indices.shape[-1] != self.heads:
             raise ValueError(f"indices must end with a heads axis of size {self.heads}, got {tuple(indices.shape)}")
-        idx = indices.long()
-        lead = idx.shape[:-1] if heads_axis else idx.shape
-        idx = idx.reshape(-1, self.heads)  # (M, h)
-        codes = self.effective_codes()
-        if self.separate_codebook_per_head:
-            rows = idx.t()  # (h, M)
-        else:
-            rows = idx.reshape(1, -1)
-        picked = gather_codes(codes, rows.clamp(min=0))
+        lead = indices.shape[:-1] if self.heads > 1 else indices.shape
+        num_vectors = indices.numel() // self.heads
+        rows = self.head_split.rows_of(indices.reshape(1, num_vectors, self.heads).long())
+        picked = gather_codes(self.effective_codes(), rows.clamp(min=0))
         picked = torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
-        if self.separate_codebook_per_head:
-            picked = picked.transpose(0, 1)  # (M, h, d)
-        return picked.reshape(*lead, self.heads * self.codebook_dim)
+        return self.head_split.merge(picked, 1, num_vectors).reshape(*lead, self.heads * self.codebook_dim)
 
     def _channel_first(self, t: Tensor) -> Tensor:
-        if self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last:
-            if t.ndim >= 3:
-                return t.movedim(-1, 1)
+        if (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last) and t.ndim >= 3:
+            return t.movedim(-1, 1)
         return t
 
     def update_in_place_optimizer(self) -> None:
         """Step the in-place codebook optimiser (gradients averaged over ranks when distributed)."""
         if self.in_place_codebook_optimizer is None:
             return
-        if distributed.should_sync(self._codebook.sync_codebook):
-            for param in self._codebook.parameters():
-                if param.grad is not None:
-                    distributed.all_reduce_sum_(param.grad).div_(distributed.world_size())
+        average_gradients_(self._codebook.parameters(), self._codebook.sync_codebook)
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
 
@@ -772,26 +696,15 @@ class VectorQuantize(nn.Module):
         """:meth:`update_in_place_optimizer`, then the codes it moved are restored when no rank had a valid row
         (``num_valid_rows`` summed over ranks is 0), so that an optimiser with momentum or weight decay cannot
         move them on a batch with nothing to learn from. No host synchronisation."""
-        if self.in_place_codebook_optimizer is None:
-            return
-        params = [p for p in self._codebook.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in params]
-        self.update_in_place_optimizer()
-        total = distributed.all_reduce_sum_(num_valid_rows.detach().float().clone(), sync=self._codebook.sync_codebook)
-        with torch.no_grad():
-            for param, old in zip(params, before):
-                param.copy_(torch.where(total > 0, param, old))
-
-    def _flat_from_input(self, x: Tensor) -> tuple[Tensor, TokenLayout, int, int]:
-        layout = self._layout(x)
-        tokens = layout.to_tokens(x)
-        return self._to_codebook_space(tokens), layout, tokens.shape[0], tokens.shape[1]
+        if self.in_place_codebook_optimizer is not None:
+            params = list(self._codebook.parameters())
+            step_if_rows(self.in_place_codebook_optimizer, params, num_valid_rows, sync=self._codebook.sync_codebook)
 
     @torch.no_grad()
     def expire_codes_(self, x: Tensor) -> None:
         """Replace dead codes by vectors of ``x`` (given in the input layout)."""
-        flat, *_ = self._flat_from_input(x)
-        self._codebook.expire_codes_(flat, valid_rows(flat, None))
+        rows = self.to_codebook_space(self._parse(x).tokens)
+        self._codebook.expire_codes_(rows, valid_rows(rows, None))
 
     @torch.no_grad()
     def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
@@ -800,11 +713,12 @@ class VectorQuantize(nn.Module):
         Shape:
             - x: as forward's input; indices: as forward returns them; mask: ``(b, n)``
         """
-        flat, layout, b, n = self._flat_from_input(x)
-        self._check_forward_indices("indices", indices, layout, b)
-        rows = self._indices_to_rows(indices, layout, b, n)
-        token_valid = self._token_valid(check_mask(mask, b, n) if mask is not None else None, b, n)
-        valid = valid_rows(flat, token_valid) & (rows >= 0)
-        self._codebook.update_(flat, rows, valid)
+        parsed = self._parse(x)
+        self._check_forward_indices("indices", indices, parsed.layout, parsed.batch)
+        rows = self.to_codebook_space(parsed.tokens)
+        code_rows = self._indices_to_rows(indices, parsed)
+        mask = token_mask(mask, None, parsed.layout, parsed.batch)
+        valid = valid_rows(rows, None if mask is None else self.head_split.rows_of(mask)) & (code_rows >= 0)
+        self._codebook.update_(rows, code_rows, valid)
 
     update_ema_indices = update_indices

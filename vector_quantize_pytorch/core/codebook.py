@@ -438,3 +438,27 @@ class Codebook(nn.Module):
             # torch.where(has_rows, new_codes, embed) without another (c, K, d) temporary
             self.embed.lerp_(new_codes, has_rows.unsqueeze(-1).to(new_codes.dtype))
         self.expire_codes_(flat, valid)
+
+    def orthogonal_reg_codes(
+        self, indices: Tensor, valid: Tensor, active_only: bool, max_codes: int | None
+    ) -> tuple[Tensor, Tensor]:
+        """The codes an orthogonal regulariser covers: all, or those used in this batch (``active_only``),
+        optionally a random subset of at most ``max_codes`` (fixed shapes: no ``unique``, no host sync).
+
+        Shape:
+            - indices, valid: ``(c, N)``
+            - output: codes ``(c, m, d)`` and which of them count ``(c, m)`` bool
+        """
+        codes = self.embed
+        c, num_codes, _ = codes.shape
+        used = torch.ones(c, num_codes, dtype=torch.bool, device=codes.device)
+        if active_only:
+            counts = torch.zeros(c, num_codes, device=codes.device)
+            counts.scatter_add_(1, indices.reshape(c, -1), valid.reshape(c, -1).float())
+            used = counts > 0
+        if max_codes is not None and num_codes > max_codes:
+            keys = torch.rand(c, num_codes, device=codes.device).masked_fill(~used, 2.0)
+            chosen = keys.argsort(dim=-1)[:, :max_codes]
+            codes = codes.gather(1, chosen.unsqueeze(-1).expand(-1, -1, codes.shape[-1]))
+            used = used.gather(1, chosen)
+        return codes, used

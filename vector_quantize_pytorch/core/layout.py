@@ -121,7 +121,8 @@ def parse_input(
     mask: Tensor | None = None,
     lens: Tensor | None = None,
     name: str = "x",
-    layout_hint: str = "channel_first=True",
+    layout_hint: str | dict[int, str] = "channel_first=True",
+    shapes: str | None = None,
 ) -> TokenInput:
     """The one parser of quantizer inputs: checks ``x``, flattens it to tokens and turns ``mask``/``lens`` into
     a ``(b, n)`` token mask.
@@ -135,31 +136,39 @@ def parse_input(
         mask: True for the tokens that count: ``(b, *spatial)``, ``(b, n)``, or ``(b,)`` for whole samples.
         lens: ``(b,)`` lengths of 1-d sequences (tokens at positions ``>= lens`` are masked out).
         name: the argument's name in error messages.
-        layout_hint: the option to suggest when the features sit on the other axis (e.g.
-            ``"accept_image_fmap=True"``).
+        layout_hint: the option to suggest when the features sit on axis 1 of an input read channel-last (or
+            of one of a number of dimensions not allowed): one option, or one per number of dimensions (e.g.
+            ``{3: "channel_last=False", 4: "accept_image_fmap=True"}``).
+        shapes: the accepted shapes, for the error on a wrong number of dimensions (e.g. ``"(b, n, dim)"``).
 
     Shape:
         - x: ``(b, dim)``, ``(b, ..., dim)`` or channel-first ``(b, dim, ...)``
         - output tokens: ``(b, n, dim)``, mask ``(b, n)``
     """
+    check_input(name, x, min_ndim=0)
     allowed = (ndim,) if isinstance(ndim, int) else ndim
-    check_input(name, x, min_ndim=min(allowed) if allowed else 2, max_ndim=max(allowed) if allowed else None)
-    if allowed and x.ndim not in allowed:
-        raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(x.shape)}")
+    if (x.ndim not in allowed) if allowed else x.ndim < 2:
+        counts = " or ".join(map(str, allowed)) if allowed else "at least 2"
+        message = f"{name} must have {counts} dimensions, got shape {tuple(x.shape)}"
+        if shapes is not None:
+            message = f"{name} must have shape {shapes} with dim = {dim}, got {tuple(x.shape)}"
+        raise ValueError(message + _channel_first_hint(x, dim, layout_hint))
     channel_first = x.ndim >= 4 if channel_first is None else channel_first
     layout = TokenLayout.of(x, channel_first=channel_first)
-    _check_features(name, x, dim, 1 if layout.channel_first and x.ndim > 2 else -1, layout_hint)
+    axis = 1 if layout.channel_first and x.ndim > 2 else x.ndim - 1
+    if x.shape[axis] != dim:
+        message = f"{name} must have {dim} features on axis {axis}, got shape {tuple(x.shape)}"
+        raise ValueError(message + (_channel_first_hint(x, dim, layout_hint) if axis > 1 else ""))
     tokens = layout.to_tokens(x)
     return TokenInput(layout, tokens, token_mask(mask, lens, layout, tokens.shape[0]))
 
 
-def _check_features(name: str, x: Tensor, dim: int, axis: int, layout_hint: str) -> None:
-    if x.shape[axis] == dim:
-        return
-    message = f"{name} must have {dim} features on axis {axis % x.ndim}, got shape {tuple(x.shape)}"
-    if axis == -1 and x.ndim > 2 and x.shape[1] == dim:
-        message += f"; its axis 1 has {dim}: for channel-first inputs pass {layout_hint}"
-    raise ValueError(message)
+def _channel_first_hint(x: Tensor, dim: int, layout_hint: str | dict[int, str]) -> str:
+    """A suggestion when the features of ``x`` seem to sit on axis 1 of an input read another way."""
+    option = layout_hint.get(x.ndim) if isinstance(layout_hint, dict) else layout_hint
+    if option is None or x.ndim < 3 or x.shape[1] != dim:
+        return ""
+    return f"; its axis 1 has {dim} features: for channel-first inputs pass {option}"
 
 
 def token_mask(mask, lens, layout: TokenLayout, batch: int) -> Tensor | None:
@@ -200,3 +209,45 @@ def check_mask(mask: Tensor | None, batch: int, num_tokens: int, *, name: str = 
     if mask.shape != (batch, num_tokens):
         raise ValueError(f"{name} must have shape (batch, seq) = {(batch, num_tokens)}, got {tuple(mask.shape)}")
     return mask.bool()
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """How ``heads`` chunks of every token map to the rows of a quantizer's codebooks.
+
+    With one codebook per head (``separate``) each head's chunks form the rows of its codebook, ``(h, b*n, d)``;
+    with a shared codebook every chunk is a row of the one codebook, token-major, ``(1, b*n*h, d)``.
+
+    Args:
+        heads: chunks per token.
+        dim: features per chunk.
+        separate: one codebook per head.
+
+    Shape:
+        - split: ``(b, n, heads * dim)`` -> ``(c, N, dim)``
+        - merge: ``(c, N, *tail)`` -> ``(b, n, heads, *tail)``
+        - rows_of: ``(b, n)`` (a mask) or ``(b, n, heads)`` (indices) -> ``(c, N)``
+    """
+
+    heads: int
+    dim: int
+    separate: bool
+
+    def split(self, tokens: Tensor) -> Tensor:
+        if self.separate:
+            return rearrange(tokens, "b n (h d) -> h (b n) d", h=self.heads)
+        return rearrange(tokens, "b n (h d) -> 1 (b n h) d", h=self.heads)
+
+    def merge(self, rows: Tensor, b: int, n: int) -> Tensor:
+        if self.separate:
+            return rearrange(rows, "h (b n) ... -> b n h ...", b=b, n=n)
+        return rearrange(rows, "1 (b n h) ... -> b n h ...", b=b, n=n, h=self.heads)
+
+    def rows_of(self, t: Tensor) -> Tensor:
+        """A per-token mask ``(b, n)`` (repeated for every head) or per-head indices ``(b, n, heads)``, in the
+        row order of :meth:`split`."""
+        if t.ndim == 2:
+            t = t.unsqueeze(-1).expand(*t.shape, self.heads)
+        if self.separate:
+            return rearrange(t, "b n h -> h (b n)")
+        return rearrange(t, "b n h -> 1 (b n h)")

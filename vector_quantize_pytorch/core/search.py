@@ -265,3 +265,67 @@ def gather_codes(codes: Tensor, indices: Tensor) -> Tensor:
         return F.embedding(indices, codes[0])
     offsets = torch.arange(c, device=indices.device).view(c, *([1] * (indices.ndim - 1))) * num_codes
     return F.embedding(indices + offsets, codes.reshape(c * num_codes, d))
+
+
+class TokenConditionedCodes:
+    """One codebook per token: the codes of token ``i`` are ``transform(codes, condition[i])``, as in QINCo's
+    implicit neural codebook (Huijben et al. 2024), where the condition is what earlier residual layers chose.
+
+    Called on codes ``(c, K, d)`` it returns every token's codebook ``(c, b, n, K, d)`` (the protocol of
+    ``VectorQuantize(codebook_transform_fn=...)``); :meth:`nearest` searches them a chunk of tokens at a time,
+    and :meth:`gather` recomputes only the chosen (token, code) pairs, with gradients to ``transform``.
+
+    Args:
+        transform: ``(codes (..., d), condition (..., d_c)) -> (..., d)``, broadcasting its arguments.
+        condition: ``(b, n, d_c)`` per-token conditions.
+
+    Shape:
+        - nearest: rows ``(1, b * n, d)``, codes ``(1, K, d)`` -> ``(1, b * n)``
+        - gather: codes ``(1, K, d)``, indices ``(1, b * n)`` -> ``(1, b * n, d)``
+    """
+
+    def __init__(self, transform, condition: Tensor):
+        self.transform = transform
+        self.condition = condition
+
+    def __call__(self, codes: Tensor) -> Tensor:
+        b, n, d_c = self.condition.shape
+        return self.transform(codes[:, None, None], self.condition.reshape(1, b, n, 1, d_c))
+
+    @torch.no_grad()
+    def nearest(self, rows: Tensor, codes: Tensor) -> Tensor:
+        (num_codes, d), condition = codes.shape[1:], self.condition.reshape(-1, self.condition.shape[-1])
+        chunk = max(1, chunk_policy(codes.device).logit_scores // (num_codes * d))
+        nearest = []
+        for start in range(0, rows.shape[1], chunk):
+            token_codes = self.transform(codes[0].unsqueeze(0), condition[start : start + chunk].unsqueeze(1))
+            distances = (token_codes - rows[0, start : start + chunk].unsqueeze(1)).pow(2).sum(-1)
+            nearest.append(distances.argmin(-1))
+        return torch.cat(nearest).unsqueeze(0)
+
+    def gather(self, codes: Tensor, indices: Tensor) -> Tensor:
+        condition = self.condition.reshape(-1, self.condition.shape[-1])
+        return self.transform(F.embedding(indices[0], codes[0]), condition).unsqueeze(0)
+
+    @classmethod
+    def materialized(cls, codebook_transform_fn, b: int, n: int) -> _MaterializedCodes:
+        """Any ``codes (c, K, d) -> (c, b, n, K, d)`` function, whose per-token codebooks are built whole."""
+        return _MaterializedCodes(codebook_transform_fn, b, n)
+
+
+class _MaterializedCodes:
+    def __init__(self, codebook_transform_fn, b: int, n: int):
+        self.fn, self.shape = codebook_transform_fn, (b, n)
+
+    def _codes(self, codes: Tensor) -> Tensor:
+        token_codes = self.fn(codes)  # (c, b, n, K, d)
+        return token_codes.reshape(codes.shape[0], self.shape[0] * self.shape[1], *token_codes.shape[-2:])
+
+    @torch.no_grad()
+    def nearest(self, rows: Tensor, codes: Tensor) -> Tensor:
+        return (self._codes(codes) - rows.unsqueeze(2)).pow(2).sum(-1).argmin(-1)
+
+    def gather(self, codes: Tensor, indices: Tensor) -> Tensor:
+        token_codes = self._codes(codes)
+        picked = indices[..., None, None].expand(*indices.shape, 1, token_codes.shape[-1])
+        return token_codes.gather(2, picked).squeeze(2)

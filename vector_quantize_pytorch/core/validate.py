@@ -106,3 +106,24 @@ def check_indices(name: str, indices, *, min_ndim: int = 1) -> Tensor:
     if indices.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(indices.shape)}")
     return indices
+
+
+def check_arguments(args: dict, **kinds) -> None:
+    """Check many constructor arguments from a table, each with the check of its kind.
+
+    Args:
+        args: argument name -> value (e.g. ``locals()`` of a constructor).
+        **kinds: ``int={name: minimum}``, ``optional_int={name: minimum}`` (None allowed),
+            ``float={name: (minimum, maximum)}`` (None: unbounded), ``bool=(names)``, ``optional_bool=(names)``.
+    """
+    for name, minimum in kinds.get("int", {}).items():
+        check_int(name, args[name], minimum=minimum)
+    for name, minimum in kinds.get("optional_int", {}).items():
+        if args[name] is not None:
+            check_int(name, args[name], minimum=minimum)
+    for name, (minimum, maximum) in kinds.get("float", {}).items():
+        check_float(name, args[name], minimum=minimum, maximum=maximum)
+    for name in kinds.get("bool", ()):
+        check_bool(name, args[name])
+    for name in kinds.get("optional_bool", ()):
+        check_optional_bool(name, args[name])
