@@ -12,7 +12,7 @@ LFQ's entropy loss needs, per token, the softmax over all ``2^K`` codes (MAGVIT-
   setting ``EXACT_CODE_ENTROPY_MAX_BITS`` to 0 (the constant is read at each call). For ``K <= 16`` the bound has
   one group, which is the exact entropy.
 * **reference**: vector-quantize-pytorch 1.32.0, for the K whose predicted memory (7 x tokens x 2^K x 4 bytes,
-  the factor measured in REFERENCE.md section 3) fits ``--reference-max-mb``.
+  the factor measured for its entropy loss on a CPU; benchmarks/README.md) fits ``--reference-max-mb``.
 
 One point = one fresh process: ``LFQ(dim=K, codebook_size=2**K)`` (no projections, entropy_loss_weight 0.1,
 diversity_gamma 1), an input of ``--tokens`` tokens that requires grad, and a training step (forward, the loss
@@ -50,7 +50,7 @@ DEFAULT_OUT = BENCHMARKS_DIR / "results" / "lfq_entropy_scaling.json"
 DEFAULT_IMAGE = BENCHMARKS_DIR / "images" / "lfq_entropy_scaling.png"
 SERIES = ("exact", "bound", "reference")
 OURS_EXACT_MAX_BITS = 24  # EXACT_CODE_ENTROPY_MAX_BITS, the default of --exact-max-bits
-REFERENCE_MEMORY_FACTOR = 7  # reference peak ~ 7 x tokens x 2^K x 4 bytes (REFERENCE.md section 3)
+REFERENCE_MEMORY_FACTOR = 7  # reference peak ~ 7 x tokens x 2^K x 4 bytes (measured on a CPU)
 RESULT_PREFIX = "LFQ_SCALING_RESULT "
 
 

@@ -47,7 +47,7 @@ def mixed_radix(level_indices, levels):
     return index
 
 
-# ----- seed.md examples -------------------------------------------------------------------------------------
+# ----- the reference's usage examples -----------------------------------------------------------------------------
 
 
 def test_seed_image_example():

@@ -33,7 +33,7 @@ def brute_force_entropies(h, inv_temperature, code_value, mask=None):
     return entropy(probs).mean(), entropy(probs.mean(0)).mean()
 
 
-# seed.md examples
+# the reference's usage examples
 
 
 def test_seed_example_image():

@@ -1,6 +1,6 @@
-"""The VectorQuantize examples of the seed notes (/work/shared/spec/seed.md) run as written.
+"""VectorQuantize usage as it circulates for the reference (the VectorQuantizer alias, Chinese comments) runs.
 
-Shapes are those the notes state, except the loss: the notes' "(1)" / "(1,)" comments are stale, the
+Shapes are those the usage notes state, except the loss: their "(1)" / "(1,)" comments are stale, the
 reference returns a 0-dim loss and so do we.
 """
 

@@ -1,7 +1,7 @@
 """Checkpoints written by the reference library load into our package and give the same outputs.
 
 Each file in tests/fixtures/ was written by vector-quantize-pytorch 1.32.0 (see tests/fixtures/README.md and
-MANIFEST.md): a constructor config, the state_dict of a module trained for a few steps, an eval input and
+tests/fixtures/MANIFEST.md): a constructor config, the state_dict of a module trained for a few steps, an eval input and
 what the reference's eval forward returned for it. For each fixture we build our class with the same
 config, load the state_dict with strict=True, run the same eval forward and compare: indices exactly
 (values, shape and dtype), float outputs to 1e-5.

@@ -35,7 +35,7 @@ def residual_fsq_by_hand(h, levels, num_quantizers):
     return out, torch.stack(all_indices, dim=-1)
 
 
-# ---------------------------------------------------------------- seed.md example
+# ------------------------------------------------------ the reference's usage example
 
 
 def test_seed_residual_fsq_example():

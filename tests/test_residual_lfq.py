@@ -53,7 +53,7 @@ def residual_lfq_by_hand(
     return out, torch.stack(all_indices, dim=-1), torch.stack(losses)
 
 
-# ---------------------------------------------------------------- seed.md example
+# ------------------------------------------------------ the reference's usage example
 
 
 def test_seed_residual_lfq_example():

@@ -54,7 +54,7 @@ def ema_step_by_hand(layer, rows, indices, mask=None, decay=0.8, eps=1e-5):
         book.embed[0] = (embed_avg / smoothed.unsqueeze(-1)).float()
 
 
-# ---------------------------------------------------------------- seed.md examples
+# ----------------------------------------------------- the reference's usage examples
 
 
 def test_seed_residual_vq_example():
