@@ -13,9 +13,9 @@ from .core.beam import beam_search
 from .core.codebook import valid_rows
 from .core.layout import TokenLayout
 from .core.linear import project
-from .core.policy import chunk_policy
+from .core.recompute import stateful_forward
 from .core.residual import GroupedStacks, ResidualStack
-from .core.search import gather_codes
+from .core.search import TokenConditionedCodes, gather_codes
 from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize
 
@@ -186,7 +186,7 @@ class ResidualVQ(ResidualStack):
         )
         if shared_codebook:
             for layer in self.layers[1:]:
-                layer._codebook = self.layers[0]._codebook
+                layer.share_codebook(self.layers[0])
         self.vq_is_ema_updating = self.layers[0].ema_update
 
         mlp_kwargs = dict(mlp_kwargs or {})
@@ -221,16 +221,17 @@ class ResidualVQ(ResidualStack):
     @property
     def codebooks(self):
         """``(q, K, d)``, or a tuple of ``(K_i, d)`` when the layers' sizes differ."""
-        books = tuple(layer._codebook.embed[0] for layer in self.layers)
+        books = tuple(layer.codebook for layer in self.layers)
         return torch.stack(books) if self.uniform_codebook_size else books
 
     # ------------------------------------------------------------------ layers
 
     def _quantize_layer(self, index, residual, mask, *, previous, forced=None, **kwargs):
-        layer = self.layers[index]
+        transform = None
         if self.implicit_neural_codebook and index > 0:
-            return self._implicit_layer(index, residual, mask, previous, forced)
-        return layer(residual, mask=mask, forced_indices=forced[..., index] if forced is not None else None, **kwargs)
+            transform = TokenConditionedCodes(self.mlps[index - 1], previous.detach().float())
+        forced = forced[..., index] if forced is not None else None
+        return self.layers[index](residual, mask=mask, forced_indices=forced, codebook_transform_fn=transform, **kwargs)
 
     def _layer_codes(self, index, indices, previous) -> Tensor:
         base = self.layers[index].effective_codes()
@@ -238,47 +239,6 @@ class ResidualVQ(ResidualStack):
         if self.implicit_neural_codebook and index > 0:
             codes = self.mlps[index - 1](codes, previous)
         return codes
-
-    @torch.no_grad()
-    def _implicit_search(self, mlp: MLP, base: Tensor, residual: Tensor, previous: Tensor) -> Tensor:
-        """Nearest implicit code of every token, one token chunk at a time: the ``(tokens, K, d)`` codes of
-        a chunk are never built for the whole batch."""
-        num_codes, d = base.shape
-        r, p = residual.reshape(-1, d), previous.reshape(-1, d)
-        chunk = max(1, chunk_policy(base.device).logit_scores // (num_codes * d))
-        out = []
-        for start in range(0, r.shape[0], chunk):
-            codes = mlp(base.unsqueeze(0), p[start : start + chunk].unsqueeze(1))  # (t, K, d)
-            dist = (codes - r[start : start + chunk].unsqueeze(1)).pow(2).sum(-1)
-            out.append(dist.argmin(-1))
-        return torch.cat(out).reshape(residual.shape[:-1])
-
-    def _implicit_layer(self, index, residual, mask, previous, forced):
-        layer, mlp = self.layers[index], self.mlps[index - 1]
-        base = layer.effective_codes()[0]
-        if forced is not None:
-            indices = forced[..., index].clamp(min=0)
-        else:
-            indices = self._implicit_search(mlp, base, residual.detach().float(), previous.detach().float())
-        # recompute only the chosen (token, code) pairs, with gradients to the MLP and the base codes
-        q = mlp(F.embedding(indices, base), previous.detach().float()).to(residual.dtype)
-        out = q
-        if self.training:
-            out = (
-                estimators.rotation_trick(residual, q.detach())
-                if layer.rotation_trick
-                else estimators.straight_through(residual, q.detach())
-            )
-            out = estimators.attach_gradient(out, out + q - q.detach())
-        valid = mask if mask is not None else torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
-        per_token = (residual - q).pow(2).mean(-1)
-        loss = (per_token * valid).sum() / valid.sum().clamp(min=1) * layer.commitment_weight
-        if not self.training:
-            loss = torch.zeros((), device=residual.device)
-        if mask is not None:
-            out = out * mask.unsqueeze(-1).to(out.dtype)
-            indices = torch.where(mask, indices, torch.full_like(indices, -1))
-        return out, indices, loss
 
     # ------------------------------------------------------------------ beam search
 
@@ -306,6 +266,7 @@ class ResidualVQ(ResidualStack):
             raise ValueError(f"x must have shape {shape} with dim = {self.dim}, got {tuple(x.shape)}")
         return self._input_tokens(x, self.accept_image_fmap, mask)
 
+    @stateful_forward  # activation checkpointing: the recompute replays this call's state (core/recompute.py)
     def forward(
         self,
         x: Tensor,
@@ -327,7 +288,7 @@ class ResidualVQ(ResidualStack):
             return self._cross_entropy_forward(h, indices, layout, tokens, mask, **layer_kwargs)
 
         cutoffs = None
-        if self._dropout_active():
+        if self.quantize_dropout_active():
             cutoffs = self._dropout_plan(h.shape[0], h.device, rand_quantize_dropout_fixed_seed)
         forced = None
         if self._uses_beam(beam_size, freeze_codebook):
@@ -355,7 +316,7 @@ class ResidualVQ(ResidualStack):
             raise ValueError("beam_size > 1 is not supported with implicit_neural_codebook=True")
         # a k-means initialisation still to come: the codebooks are zeros, so this step is greedy
         pending = self.training and not freeze_codebook
-        return not (pending and any(layer._codebook.needs_kmeans_init() for layer in self.layers))
+        return not (pending and any(layer.needs_kmeans_init() for layer in self.layers))
 
     def _output(self, quantized: Tensor, tokens: Tensor, mask: Tensor | None, layout: TokenLayout) -> Tensor:
         out = project(self.project_out, quantized).to(tokens.dtype)
@@ -376,17 +337,13 @@ class ResidualVQ(ResidualStack):
         first = self.layers[0]
         inputs = torch.stack([residual.detach() for residual, _ in residuals], dim=2)  # (b, n, q, d)
         b, n, q, d = inputs.shape
-        flat = first._to_codebook_space(inputs.reshape(b, n * q, d))  # (1, b * n * q, d)
+        rows = first.to_codebook_space(inputs.reshape(b, n * q, d))  # (1, b * n * q, d)
         masks = [mask for _, mask in residuals]
         mask = None
         if any(m is not None for m in masks):
             everywhere = torch.ones(b, n, dtype=torch.bool, device=inputs.device)
             mask = torch.stack([everywhere if m is None else m for m in masks], dim=2).reshape(1, -1)
-        valid = valid_rows(flat, mask)
-        if self.vq_is_ema_updating:
-            first._codebook.update_ema()
-        first.update_in_place_optimizer_if_rows(valid.sum())
-        first._codebook.expire_codes_(flat, valid)
+        first.maintain_codebook_(rows, valid_rows(rows, mask), apply_ema=self.vq_is_ema_updating)
 
     def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
         """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the

@@ -148,7 +148,9 @@ class ResidualStack(nn.Module):
 
     # ------------------------------------------------------------------ dropout
 
-    def _dropout_active(self) -> bool:
+    def quantize_dropout_active(self) -> bool:
+        """Whether this forward drops layers: in training with ``quantize_dropout`` (and, for stacks whose
+        dropout only matters to gradients, when gradients are tracked)."""
         return self.training and self.quantize_dropout and (torch.is_grad_enabled() or not self.dropout_needs_grad)
 
     def _dropout_plan(self, batch: int, device, seed=None) -> Tensor:
@@ -227,7 +229,7 @@ class ResidualStack(nn.Module):
 
     def _quantize_residuals(self, h: Tensor, mask: Tensor | None, seed, **loop_kwargs):
         """:meth:`_residual_loop` with quantize dropout when it applies (training)."""
-        cutoffs = self._dropout_plan(h.shape[0], h.device, seed) if self._dropout_active() else None
+        cutoffs = self._dropout_plan(h.shape[0], h.device, seed) if self.quantize_dropout_active() else None
         return self._residual_loop(h, mask, cutoffs, **loop_kwargs)
 
     def _stack_losses(self, losses: list, reference: Tensor) -> Tensor:
@@ -371,7 +373,7 @@ class GroupedStacks(nn.Module):
             outs = [rvq(c, indices=i, **kwargs) for rvq, c, i in zip(self.rvqs, chunks, indices)]
             quantized, ce = zip(*outs)
             return torch.cat(quantized, dim=self.split_dim), sum(ce)
-        if kwargs.get("rand_quantize_dropout_fixed_seed") is None and self.rvqs[0]._dropout_active():
+        if kwargs.get("rand_quantize_dropout_fixed_seed") is None and self.rvqs[0].quantize_dropout_active():
             kwargs["rand_quantize_dropout_fixed_seed"] = dropout_seed(None, x.device)
         outs = [rvq(c, **kwargs) for rvq, c in zip(self.rvqs, chunks)]
         quantized, all_indices, *rest = zip(*outs)
