@@ -2,6 +2,7 @@
 
 from .binary_mapper import BinaryMapper
 from .core.policy import ACCELERATOR_POLICY, CPU_POLICY, ChunkPolicy, chunk_policy, set_chunk_policy, use_chunk_policy
+from .core.recompute import checkpoint, checkpoint_contexts
 from .evo_lookup_free_quantization import EvoLFQ
 from .finite_scalar_perturbation import FSP
 from .finite_scalar_quantization import FSQ
@@ -47,6 +48,6 @@ QUANTIZERS = (
 )
 
 __all__ = [cls.__name__ for cls in QUANTIZERS] + ["LossBreakdown", "Sequential", "VectorQuantizer", "LatentQuantizer"]
-__all__ += ["CodebookUsage"]
+__all__ += ["CodebookUsage", "checkpoint", "checkpoint_contexts"]
 __all__ += ["ChunkPolicy", "CPU_POLICY", "ACCELERATOR_POLICY", "chunk_policy", "set_chunk_policy", "use_chunk_policy"]
 __all__ = list(dict.fromkeys(__all__))

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .core.layout import TokenLayout
 from .core.linear import project
+from .core.recompute import stateful_forward
 from .core.tensors import as_dtype
 from .core.validate import (
     check_feature_size,
@@ -376,6 +377,7 @@ class LatentQuantize(nn.Module):
 
     # ----- forward -----------------------------------------------------------------------------------------
 
+    @stateful_forward  # activation checkpointing (core/recompute.py): refuses an in-place optimizer
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = check_input("z", z, min_ndim=2)
         layout = TokenLayout.of(x, channel_first=x.ndim >= 4)

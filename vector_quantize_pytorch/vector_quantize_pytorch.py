@@ -13,6 +13,7 @@ from .core import estimators, losses
 from .core.codebook import Codebook, valid_rows
 from .core.inplace import average_gradients_, step_if_rows
 from .core.layout import HeadSplit, TokenInput, TokenLayout, parse_input, token_mask
+from .core.recompute import stateful_forward
 from .core.search import (
     TokenConditionedCodes,
     distance_logits,
@@ -378,6 +379,7 @@ class VectorQuantize(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    @stateful_forward  # activation checkpointing: the recompute replays this call's state (core/recompute.py)
     def forward(
         self,
         x: Tensor,
