@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core.estimators import attach_gradient
 from .core.validate import check_bool, check_float, check_indices, check_int
 
 __all__ = ["BinaryMapper", "binary_entropy"]
@@ -21,7 +22,12 @@ MAX_BITS = 62
 
 
 def binary_entropy(logits: Tensor) -> Tensor:
-    """Entropy in nats of independent Bernoulli(sigmoid(logits)) bits, summed over the last axis."""
+    """Entropy in nats of independent Bernoulli(sigmoid(logits)) bits, summed over the last axis.
+
+    Written as ``-(p log sigmoid(l) + (1 - p) log sigmoid(-l))``, whose float32 rounding the auxiliary loss
+    ``bits ln 2 - H - threshold`` keeps (it cancels most of ``H``'s digits, so the last bits of ``H`` show);
+    :func:`~vector_quantize_pytorch.core.entropy.bernoulli_entropy` is the same quantity computed without the
+    ``1 - p`` cancellation, for LFQ's large logits."""
     prob = logits.sigmoid()
     return -(prob * F.logsigmoid(logits) + (1.0 - prob) * F.logsigmoid(-logits)).sum(dim=-1)
 
@@ -168,7 +174,7 @@ class BinaryMapper(nn.Module):
 
         if straight_through:
             soft = code_probabilities(logits.to(out_dtype))
-            one_hot = one_hot + (soft - soft.detach())  # exactly the one-hot forward, soft gradient
+            one_hot = attach_gradient(one_hot, soft)  # exactly the one-hot forward, soft gradient
 
         if return_indices:
             return one_hot, indices, aux_kl_loss

@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .core.estimators import straight_through
 from .core.layout import TokenLayout
+from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, radix_basis
 from .core.validate import (
     check_bool,
     check_choice,
@@ -25,8 +27,6 @@ from .core.validate import (
 
 __all__ = ["FSP", "VectorNorm", "batch_stats", "build_cdf_act", "CDF_ACTIVATIONS"]
 
-# Indices are int32, like the reference's.
-MAX_CODEBOOK_SIZE = 2**31 - 1
 # Standard deviation of a uniform variable on [0, 1]: bin centres (k + 1/2) / L are standardised by it.
 UNIFORM_STD = 1 / math.sqrt(12)
 
@@ -230,11 +230,8 @@ class FSP(nn.Module):
         self.dim = dim
         self.channel_first = channel_first
         self.codebook_size = codebook_size
-        basis = [1]
-        for level in levels[:-1]:
-            basis.append(basis[-1] * level)
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int32), persistent=False)
+        self.register_buffer("_basis", radix_basis(levels).to(torch.int32), persistent=False)
         self._longest_level = max(levels)
 
         self.has_projections = dim != self.codebook_dim
@@ -264,15 +261,15 @@ class FSP(nn.Module):
         levels = self._levels.to(act_z.dtype)
         level_indices = torch.minimum((act_z.detach().clamp_max(1.0 - eps) * levels).floor(), levels - 1)
         centres = (level_indices + 0.5) / levels
-        return _straight_through(act_z, centres), level_indices
+        return straight_through(act_z, centres), level_indices
 
     def level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
         """``(..., codebook_dim)`` bin indices -> int32 code indices ``(...)``."""
-        return (level_indices.long() * self._basis.long()).sum(-1).to(torch.int32)
+        return digits_to_index(level_indices, self._basis, torch.int32)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """``(...)`` code indices -> ``(..., codebook_dim)`` bin indices (integers, at least int32)."""
-        level_indices = indices.long().unsqueeze(-1) // self._basis.long() % self._levels.long()
+        level_indices = index_to_digits(indices, self._basis, self._levels)
         return level_indices.to(torch.promote_types(indices.dtype, torch.int32))
 
     def indices_to_act_value(self, indices: Tensor) -> Tensor:
@@ -345,7 +342,7 @@ class FSP(nn.Module):
                 values = self._act_to_latent(act_q.detach(), eps)
             else:  # bin centres: the very values indices_to_codes gives
                 values = self._inverse_cdf_at_centres(level_indices, eps, latents.dtype)
-            codes = _straight_through(latents, values)
+            codes = straight_through(latents, values)
         else:
             codes = self._act_to_latent(act_q, eps)
         out = layout.from_tokens(self.project_out(codes.to(x.dtype))).to(x.dtype)
@@ -353,8 +350,3 @@ class FSP(nn.Module):
         indices = layout.indices_from_tokens(self.level_indices_to_indices(level_indices))
         info = {"level_indices": layout.indices_from_tokens(level_indices), "norm_info": norm_info, **info}
         return out, indices, norm_loss, info
-
-
-def _straight_through(source: Tensor, target: Tensor) -> Tensor:
-    """Forward value exactly ``target`` (``source - source`` is exactly zero); gradient flows to ``source``."""
-    return target + (source - source.detach())

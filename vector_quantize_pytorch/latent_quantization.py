@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .core.autograd import CommitmentAndQuantizationLoss
+from .core.estimators import straight_through
 from .core.layout import TokenLayout
 from .core.linear import project
+from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, radix_basis
 from .core.recompute import stateful_forward
 from .core.tensors import as_dtype
 from .core.validate import (
@@ -30,8 +33,6 @@ from .core.validate import (
 
 __all__ = ["LatentQuantize", "LatentQuantizer"]
 
-# Indices are int32, like the reference's.
-MAX_CODEBOOK_SIZE = 2**31 - 1
 # Largest block of |latent - value| distances held at once (tokens x latent dims x values): 32 MiB of float32.
 MAX_DISTANCES = 2**23
 
@@ -45,14 +46,6 @@ def initial_values(level: int) -> Tensor:
     if level % 2 == 1:
         return torch.linspace(-0.5, 0.5, level)
     return torch.arange(level) / level - 0.5
-
-
-def mixed_radix_basis(levels: Sequence[int]) -> Tensor:
-    """Place values of a mixed-radix number whose first digit is the least significant: ``(1, l0, l0 l1, ...)``."""
-    basis = [1]
-    for level in levels[:-1]:
-        basis.append(basis[-1] * level)
-    return torch.tensor(basis, dtype=torch.int64)
 
 
 class _FixedValueGrids(nn.Module):
@@ -215,10 +208,10 @@ class LatentQuantize(nn.Module):
         # slot of every grid value in a (longest, codebook_dim) table padded with +inf
         slots = torch.cat([torch.arange(level) * len(levels) + i for i, level in enumerate(levels)])
         self.register_buffer("_levels", levels_t.to(torch.int32), persistent=False)
-        self.register_buffer("_basis", mixed_radix_basis(levels).to(torch.int32), persistent=False)
+        self.register_buffer("_basis", radix_basis(levels).to(torch.int32), persistent=False)
         # int64 copies for the hot path (no conversion per call)
         self.register_buffer("_last_levels", levels_t - 1, persistent=False)
-        self.register_buffer("_place_values", mixed_radix_basis(levels), persistent=False)
+        self.register_buffer("_place_values", radix_basis(levels), persistent=False)
         self.register_buffer("_value_starts", starts, persistent=False)
         self.register_buffer("_padded_slots", slots, persistent=False)
         self._longest_level = longest
@@ -271,12 +264,11 @@ class LatentQuantize(nn.Module):
 
     def _level_indices_to_indices(self, level_indices: Tensor) -> Tensor:
         """``(..., codebook_dim)`` level indices -> int32 mixed-radix indices ``(...)``."""
-        # int32 sum of int64 terms: every term and the sum are below codebook_size <= 2**31 - 1
-        return (level_indices * self._place_values).sum(-1, dtype=torch.int32)
+        return digits_to_index(level_indices, self._place_values, torch.int32)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """``(...)`` code indices -> ``(..., codebook_dim)`` int64 positions in each grid."""
-        return indices.long().unsqueeze(-1) // self._place_values % (self._last_levels + 1)
+        return index_to_digits(indices, self._place_values, self._last_levels + 1)
 
     @property
     def implicit_codebook(self) -> Tensor:
@@ -299,7 +291,7 @@ class LatentQuantize(nn.Module):
         flat_values = self._flat_values()
         latents = as_dtype(z, _compute_dtype(z.dtype))
         codes = self._values_at(flat_values, self._nearest_level_indices(latents, flat_values))
-        return as_dtype(_straight_through(latents, codes.detach()), z.dtype)
+        return as_dtype(straight_through(latents, codes), z.dtype)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """``(..., codebook_dim)`` codes -> int32 indices ``(...)``: the nearest value of each current grid."""
@@ -338,7 +330,7 @@ class LatentQuantize(nn.Module):
         flat_values = self._flat_values()
         latents = as_dtype(z, _compute_dtype(z.dtype))
         level_indices = self._nearest_level_indices(latents, flat_values)
-        codes = _straight_through(latents, self._values_at(flat_values, level_indices), to_codes=True)
+        codes = straight_through(latents, self._values_at(flat_values, level_indices), grad_to_q=True)
         codes = as_dtype(codes.flatten(-2), z.dtype)
         spatial = tuple(ps[0])
         out = self.project_out(codes)
@@ -398,7 +390,7 @@ class LatentQuantize(nn.Module):
         level_indices = self._nearest_level_indices(latents, flat_values)
         chosen = self._values_at(flat_values, level_indices)
 
-        out = self._project_out(_straight_through(latents, chosen.detach()), x.dtype)
+        out = self._project_out(straight_through(latents, chosen), x.dtype)
         out = layout.from_tokens(out.view(tokens.shape))
         indices = self._token_indices(level_indices, *tokens.shape[:2])
         indices = layout.indices_from_tokens(indices)
@@ -412,13 +404,14 @@ class LatentQuantize(nn.Module):
 
         The codes project to the same values as the output, but the commitment term reaches only the chosen
         grid values and project_out, never the input: through the straight-through path its input gradient
-        would cancel the quantization term's exactly when the two weights are equal (the reference's encoder
-        gets no gradient from the loss). Only finite errors count (see :class:`_CommitmentAndQuantizationLoss`).
+        would cancel the quantization term's exactly when the two weights are equal, so the encoder gets no
+        gradient from the loss. Only finite errors count (see
+        :class:`~vector_quantize_pytorch.core.autograd.CommitmentAndQuantizationLoss`).
         """
         dtype = token_rows.dtype
         learn_values = learn_values and self.optimize_values and chosen.requires_grad
         projected = self._project_out(chosen if learn_values else chosen.detach(), dtype)
-        return _CommitmentAndQuantizationLoss.apply(
+        return CommitmentAndQuantizationLoss.apply(
             projected, token_rows, self.commitment_loss_weight, self.quantization_loss_weight
         )
 
@@ -471,80 +464,6 @@ def _finite_mse(target: Tensor, prediction: Tensor, finite: Tensor) -> Tensor:
     zero = prediction.new_zeros(())
     error = torch.where(finite, prediction, zero) - torch.where(finite, target, zero)
     return error.pow(2).sum() / finite.sum().clamp(min=1)
-
-
-class _CommitmentAndQuantizationLoss(torch.autograd.Function):
-    """``wc MSE(sg(x), o) + wq MSE(sg(o), x)`` between the projected codes ``o`` and the input ``x``, over the
-    elements whose error is finite, in one pass.
-
-    Both terms share the error ``e = o - x``: the forward is ``(wc + wq) sum(e^2) / m`` and the gradients are
-    ``2 wc e / m`` for ``o`` and ``-2 wq e / m`` for ``x``, with ``m`` the number of finite errors (at least 1).
-    An element whose error is NaN or infinite (a non-finite input or code) is left out of both terms and gets
-    exactly zero gradient.
-
-    Shape:
-        - projected, x: ``(N, dim)``
-        - output: ``()`` float32
-    """
-
-    @staticmethod
-    def forward(ctx, projected: Tensor, x: Tensor, commitment_weight: Tensor, quantization_weight: Tensor) -> Tensor:
-        if projected.stride() != x.stride():
-            # elementwise arithmetic over two memory layouts is several times slower than over one
-            x = torch.empty_like(projected, dtype=x.dtype).copy_(x)
-        error = as_dtype(projected, torch.float32) - as_dtype(x, torch.float32)
-        # float arithmetic rather than comparisons (bool outputs are slow on CPU): e - e is 0 for a finite e and
-        # NaN for NaN and +-Inf, so this is 1 exactly where the error is not finite
-        non_finite = (error - error).nan_to_num_(nan=1.0)
-        error = error.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        # a float32 sum of ones is exact up to 2**24; the count itself is taken in float64 and rounded once
-        count = (error.numel() - non_finite.sum().double()).clamp(min=1).float()
-        ctx.save_for_backward(error, count)
-        ctx.weights = (commitment_weight, quantization_weight)
-        ctx.dtypes = (projected.dtype, x.dtype)
-        flat = error.flatten()
-        return (commitment_weight + quantization_weight) * torch.dot(flat, flat) / count
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        error, count = ctx.saved_tensors
-        commitment_weight, quantization_weight = ctx.weights
-        needs = ctx.needs_input_grad
-        scale = 2 * grad / count
-        grad_projected = grad_x = None
-        if needs[0]:
-            grad_projected = as_dtype(error * (scale * commitment_weight), ctx.dtypes[0])
-        if needs[1]:
-            grad_x = as_dtype(error * (scale * -quantization_weight), ctx.dtypes[1])
-        return grad_projected, grad_x, None, None
-
-
-class _StraightThrough(torch.autograd.Function):
-    """``codes + (latents - latents)`` forward; the gradient goes to ``latents`` unchanged, and to ``codes``
-    unchanged only when ``to_codes``."""
-
-    @staticmethod
-    def forward(ctx, latents: Tensor, codes: Tensor, to_codes: bool) -> Tensor:
-        ctx.to_codes = to_codes
-        return codes + (latents - latents)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, grad if ctx.to_codes else None, None
-
-
-def _straight_through(latents: Tensor, codes: Tensor, to_codes: bool = False) -> Tensor:
-    """Forward value exactly ``codes`` (for finite latents); the gradient reaches ``latents`` unchanged, and
-    ``codes`` too with ``to_codes=True`` (else they are treated as constants).
-
-    ``latents - latents`` is exactly zero for finite latents, so, unlike ``z + (q - z).detach()``, the output
-    equals the codes bit for bit and decoding indices reproduces it exactly; a non-finite latent gives NaN.
-
-    Shape:
-        - latents, codes: ``(...)``, the same shape
-        - output: ``(...)``
-    """
-    return _StraightThrough.apply(latents, codes, to_codes)
 
 
 LatentQuantizer = LatentQuantize

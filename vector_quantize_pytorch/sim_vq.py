@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import estimators, losses
+from .core.autograd import QuantizeWithCommitment, rotation_trick_grad
 from .core.layout import TokenLayout, check_mask
 from .core.search import nearest_codes
 from .core.tensors import as_dtype, as_float32
@@ -162,19 +162,15 @@ class SimVQ(nn.Module):
         layout = self._layout(x)
         tokens = layout.to_tokens(x)
         b, n, d = tokens.shape
-        flat = as_float32(tokens.reshape(b * n, d))
-        if mask is not None:
-            mask = check_mask(mask, b, n).reshape(b * n)
+        token_rows = as_float32(tokens.reshape(b * n, d))
+        valid = None if mask is None else check_mask(mask, b, n).reshape(b * n)
 
         codebook = self.implicit_codebook()  # (K, d)
         # the search tracks no gradient: no detached copies needed
-        indices = nearest_codes(flat.unsqueeze(0), codebook.unsqueeze(0))[0]  # (N,)
+        indices = nearest_codes(token_rows.unsqueeze(0), codebook.unsqueeze(0))[0]  # (N,)
         quantized = F.embedding(indices, codebook)  # (N, d), differentiable in the transform
 
-        if mask is None:
-            out, loss = self._output_and_loss(flat, quantized)
-        else:
-            out, loss = self._masked_output_and_loss(flat, quantized, mask)
+        out, loss = self._output_and_loss(token_rows, quantized, valid)
         out = layout.from_tokens(as_dtype(out.reshape(b, n, d), x.dtype))
         return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
 
@@ -187,89 +183,19 @@ class SimVQ(nn.Module):
             check_feature_size("x", x, 1, self.dim, "(b, dim, ...)")
         return layout
 
-    def _commitment_loss(self, flat: Tensor, quantized: Tensor) -> Tensor:
-        """``(|sg(x) - q|^2 + beta |x - sg(q)|^2) * commitment_weight`` as means over all elements."""
-        codebook_term = _mean_squared_error(quantized, flat.detach())
-        input_term = _mean_squared_error(flat, quantized.detach())
-        return (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
-
-    def _masked_output_and_loss(self, flat: Tensor, quantized: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The output and the commitment loss over the kept tokens only (means over their elements)."""
-        if torch.is_grad_enabled() and flat.requires_grad:
-            estimator = estimators.rotation_trick if self.rotation_trick else estimators.straight_through
-            out = estimator(flat, quantized.detach())
-        else:
-            out = quantized.detach()
-        valid = mask.unsqueeze(0)  # (1, N): one codebook
-        codebook_term = losses.commitment_loss(flat.detach().unsqueeze(0), quantized.unsqueeze(0), valid)
-        input_term = losses.commitment_loss(flat.unsqueeze(0), quantized.detach().unsqueeze(0), valid)
-        return out, (codebook_term + input_term * self.input_to_quantize_commit_loss_weight) * self.commitment_weight
-
-    def _output_and_loss(self, flat: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor]:
-        """Output (forward value exactly ``q``; its gradient reaches the input only, never the transform) and
-        commitment loss. With gradients to the input, one autograd function computes both (see
-        :class:`_QuantizeWithCommitment`)."""
-        if not (torch.is_grad_enabled() and flat.requires_grad):
-            return quantized.detach(), self._commitment_loss(flat, quantized)
-        return _QuantizeWithCommitment.apply(
-            flat, quantized, self.input_to_quantize_commit_loss_weight, self.commitment_weight, self.rotation_trick
-        )
+    def _output_and_loss(self, x: Tensor, quantized: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Output (forward value exactly ``q``; its gradient reaches the input only, by the rotation trick or
+        straight through, never the transform) and ``(|sg(x) - q|^2 + beta |x - sg(q)|^2) * commitment_weight``
+        as means over the elements of the valid tokens (all tokens when ``valid`` is None), in one autograd node
+        (:class:`~vector_quantize_pytorch.core.autograd.QuantizeWithCommitment`)."""
+        estimator_grad = rotation_trick_grad if self.rotation_trick else _straight_through_grad
+        beta, weight = self.input_to_quantize_commit_loss_weight, self.commitment_weight
+        return QuantizeWithCommitment.apply(x, quantized, valid, beta, weight, estimator_grad)
 
 
-class _QuantizeWithCommitment(torch.autograd.Function):
-    r"""SimVQ's output and loss in one autograd node, saving only ``x`` and ``q``.
-
-    Forward: ``out = q`` and ``loss = (mse(q, sg(x)) + beta mse(sg(q), x)) w``. Backward, with ``M`` the
-    number of elements and ``d = q - x``::
-
-        dq = (2 w / M) g_loss d
-        dx = lambda R^T g_out - (2 beta w / M) g_loss d        (rotation trick; g_out when straight-through)
-
-    the gradients of the separate loss terms and estimator, from one difference tensor ``d`` (which
-    becomes ``dq`` in place) instead of one per loss term and gradient, with the input's two gradients
-    summed in place.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, beta: float, weight: float, rotation: bool):
-        ctx.save_for_backward(x, q)
-        ctx.beta, ctx.weight, ctx.rotation = beta, weight, rotation
-        ctx.set_materialize_grads(False)
-        mse = _mean_squared_error(q, x)
-        return q.clone(), (mse + mse * beta) * weight
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor | None, grad_loss: Tensor | None):
-        x, q = ctx.saved_tensors
-        needs_x, needs_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        differentiable = torch.is_grad_enabled()  # a double backward: no in-place arithmetic
-        grad_x = grad_q = None
-        if needs_x and grad_out is not None:
-            grad_x = estimators.rotation_trick_grad(x, q, grad_out) if ctx.rotation else grad_out
-            grad_x = as_dtype(grad_x, x.dtype)
-        if grad_loss is None:
-            return grad_x, grad_q, None, None, None
-        diff = q - x
-        coef = grad_loss * (2.0 * ctx.weight / max(diff.numel(), 1))
-        if needs_x:
-            if grad_x is None:
-                grad_x = diff * (-ctx.beta * coef)
-            elif differentiable or grad_x is grad_out:  # never write into the incoming gradient
-                grad_x = torch.addcmul(grad_x, diff, coef, value=-ctx.beta)
-            else:
-                grad_x = grad_x.addcmul_(diff, coef, value=-ctx.beta)
-        if needs_q:
-            grad_q = diff * coef if differentiable else diff.mul_(coef)
-        return grad_x, grad_q, None, None, None
-
-
-def _mean_squared_error(a: Tensor, b: Tensor) -> Tensor:
-    """``F.mse_loss(a, b)``, but an exact zero for empty tensors instead of NaN (the mean of nothing).
-
-    The test is on the (static) element count, so it is no host sync."""
-    if a.numel() == 0:
-        return (a - b).square().sum()
-    return F.mse_loss(a, b)
+def _straight_through_grad(x: Tensor, q: Tensor, grad: Tensor) -> Tensor:
+    """The straight-through estimator's input gradient: the output's gradient unchanged."""
+    return grad
 
 
 def _initial_frozen_codebook(codebook_size: int, frozen_dim: int, init_fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -17,9 +17,9 @@ from vector_quantize_pytorch.core.entropy import (
     bit_groups,
     bit_product_table,
     code_entropy,
-    entropy,
     mean_code_distribution,
     per_sample_entropy,
+    shannon_entropy,
     token_weights,
 )
 from vector_quantize_pytorch.core.policy import ACCELERATOR_POLICY, CPU_POLICY, use_chunk_policy
@@ -49,13 +49,13 @@ def random_logits(num_tokens, num_codebooks, num_bits, scale=2.0, seed=0, dtype=
 
 
 def test_entropy_of_known_distributions():
-    assert entropy(torch.full((8,), 1 / 8, dtype=torch.float64)).item() == pytest.approx(math.log(8), rel=1e-12)
-    assert entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
+    assert shannon_entropy(torch.full((8,), 1 / 8, dtype=torch.float64)).item() == pytest.approx(math.log(8), rel=1e-12)
+    assert shannon_entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
 
 
 def test_entropy_gradient_is_finite_at_zero_probability():
     probs = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
-    entropy(probs).backward()
+    shannon_entropy(probs).backward()
     assert torch.isfinite(probs.grad).all()
 
 

@@ -44,7 +44,7 @@ def test_cross_entropy_to_codes_ignores_minus_one():
 
 def test_entropy():
     p = torch.tensor([0.5, 0.25, 0.25, 0.0])
-    assert losses.entropy(p).item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert losses.clamped_entropy(p).item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
 
 
 def independent_diversity(logits, temperature, valid=None):

@@ -53,8 +53,10 @@ def cross_entropy_to_codes(logits: Tensor, indices: Tensor) -> Tensor:
     return summed / (targets != -1).sum().clamp(min=1)
 
 
-def entropy(prob: Tensor, eps: float = 1e-5, dim: int = -1) -> Tensor:
-    """``-sum p log p`` with ``p`` clamped to ``eps`` inside the log (as the reference does)."""
+def clamped_entropy(prob: Tensor, eps: float = 1e-5, dim: int = -1) -> Tensor:
+    """``-sum p log max(p, eps)``: the entropy in nats, except that probabilities below ``eps`` count as ``eps``
+    inside the log, so they count less than in the exact
+    :func:`~vector_quantize_pytorch.core.entropy.shannon_entropy`. The codebook diversity loss uses it."""
     return -(prob * prob.clamp(min=eps).log()).sum(dim=dim)
 
 
@@ -72,7 +74,7 @@ def codebook_diversity_loss(logits: Tensor, temperature: float, valid: Tensor | 
     else:
         weights = valid.to(prob.dtype).unsqueeze(-1)
         avg_prob = (prob * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-    return -entropy(avg_prob).mean()
+    return -clamped_entropy(avg_prob).mean()
 
 
 def orthogonal_loss(codes: Tensor, used: Tensor | None = None) -> Tensor:

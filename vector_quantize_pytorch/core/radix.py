@@ -17,7 +17,11 @@ import math
 import torch
 from torch import Tensor
 
-INT32_CODEBOOK_LIMIT = 2**31  # codebooks up to this size index in int32 (as the reference's FSQ does)
+from .tensors import as_dtype
+
+INT32_CODEBOOK_LIMIT = 2**31  # codebooks up to this size index in int32 (FSQ)
+# Largest codebook of the quantizers whose indices are always int32 (LatentQuantize, FSP).
+MAX_CODEBOOK_SIZE = 2**31 - 1
 INT64_CODEBOOK_LIMIT = 2**63  # beyond this an index does not fit in int64
 
 
@@ -48,9 +52,10 @@ def index_dtype_for(codebook_size: int) -> torch.dtype:
     return torch.int32 if codebook_size <= INT32_CODEBOOK_LIMIT else torch.int64
 
 
-def digits_to_index(digits: Tensor, basis: Tensor) -> Tensor:
-    """Mixed-radix digits ``(..., D)`` -> indices ``(...)`` (int64, exact)."""
-    return (digits.long() * basis).sum(dim=-1)
+def digits_to_index(digits: Tensor, basis: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Mixed-radix digits ``(..., D)`` -> indices ``(...)`` of ``dtype``, summed in it: exact in int64, and in int32
+    when the codebook has at most ``2**31`` codes (every term and every partial sum is then below ``2**31``)."""
+    return (as_dtype(digits, torch.int64) * basis).sum(dim=-1, dtype=dtype)
 
 
 def index_to_digits(indices: Tensor, basis: Tensor, levels: Tensor) -> Tensor:
