@@ -235,3 +235,28 @@ def test_skipping_the_layers_every_sample_drops_equals_running_them_masked(cutof
     assert torch.equal(stack._stack_losses(skipped[2], x), stack._stack_losses(masked[2], x))
     for (r_skip, m_skip), (r_mask, m_mask) in zip(skipped[3], masked[3]):
         assert torch.equal(r_skip, r_mask) and torch.equal(m_skip, m_mask)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_layer_every_sample_drops_leaves_every_state_as_skipping_it_does(per_sample, monkeypatch):
+    """One semantics on every device: running the dropped layers masked (accelerators, torch.compile) changes
+    no statistic, moment, code or counter that skipping them (eager CPU) leaves alone. (Dead-code expiry
+    and k-means initialisation are left out: a masked layer still draws its seeds from the default generator, so
+    later random choices differ as they would with another seed.)"""
+    from vector_quantize_pytorch import ResidualVQ
+
+    def trained(run_every_layer: bool):
+        if run_every_layer:
+            monkeypatch.setattr(residual_module, "_last_layer_to_run", lambda cutoffs, q: q - 1)
+        torch.manual_seed(0)
+        batches = torch.randn(3, 3, 6, 4)
+        rvq = ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True, affine_param=True,
+                         quantize_dropout_per_sample=per_sample)  # fmt: skip
+        for step, batch in enumerate(batches):
+            rvq(batch, rand_quantize_dropout_fixed_seed=step)
+        monkeypatch.undo()
+        return rvq.state_dict()
+
+    skipped, masked = trained(False), trained(True)
+    moved = [name for name in skipped if not torch.equal(skipped[name], masked[name])]
+    assert moved == []

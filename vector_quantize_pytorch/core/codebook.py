@@ -262,27 +262,28 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def update_affine_statistics_(self, flat: Tensor, valid: Tensor) -> None:
-        """EMA of the codebook's and of the batch's per-dimension mean and variance (training only)."""
-        codes = self.embed.detach()
-        self._ema_moment_("codebook_mean", codes.mean(dim=1, keepdim=True), self.codebook_mean_needs_init, None)
-        self._ema_moment_(
-            "codebook_variance", codes.var(dim=1, unbiased=False, keepdim=True), self.codebook_variance_needs_init, None
-        )
-        self.codebook_mean_needs_init.fill_(False)
-        self.codebook_variance_needs_init.fill_(False)
-
+        """EMA of the codebook's and of the batch's per-dimension mean and variance (training only). A batch
+        without a valid row (on any rank) moves neither, as it moves no other statistic."""
         mean, variance, has_rows = self._batch_moments(zero_invalid(flat, valid), valid)
-        self._ema_moment_("batch_mean", mean, self.batch_stats_need_init, has_rows)
-        self._ema_moment_("batch_variance", variance, self.batch_stats_need_init, has_rows)
-        self.batch_stats_need_init.copy_(self.batch_stats_need_init & ~has_rows.all())
+        codes = self.embed.detach()
+        codebook_decay, batch_decay = self.affine_param_codebook_decay, self.affine_param_batch_decay
+        codebook_variance = codes.var(dim=1, unbiased=False, keepdim=True)
+        self._ema_moment_(self.codebook_mean, codes.mean(dim=1, keepdim=True), codebook_decay,
+                          self.codebook_mean_needs_init, has_rows)  # fmt: skip
+        self._ema_moment_(self.codebook_variance, codebook_variance, codebook_decay,
+                          self.codebook_variance_needs_init, has_rows)  # fmt: skip
+        self._ema_moment_(self.batch_mean, mean, batch_decay, self.batch_stats_need_init, has_rows)
+        self._ema_moment_(self.batch_variance, variance, batch_decay, self.batch_stats_need_init, has_rows)
+        for needs_init in (self.codebook_mean_needs_init, self.codebook_variance_needs_init,
+                           self.batch_stats_need_init):  # fmt: skip
+            needs_init.copy_(needs_init & ~has_rows.all())
 
-    def _ema_moment_(self, name: str, new: Tensor, needs_init: Tensor, has_rows: Tensor | None) -> None:
-        old = getattr(self, name)
-        decay = self.affine_param_codebook_decay if name.startswith("codebook") else self.affine_param_batch_decay
-        value = torch.where(needs_init, new, old * decay + new * (1 - decay))
-        if has_rows is not None:
-            value = torch.where(has_rows, value, old)
-        old.copy_(value)
+    @staticmethod
+    def _ema_moment_(moment: Tensor, new: Tensor, decay: float, needs_init: Tensor, has_rows: Tensor) -> None:
+        """``moment <- decay * moment + (1 - decay) * new`` (``new`` itself while ``needs_init``), where
+        ``has_rows``."""
+        value = torch.where(needs_init, new, moment * decay + new * (1 - decay))
+        moment.copy_(torch.where(has_rows, value, moment))
 
     def _affine_scales(self) -> tuple[Tensor, Tensor]:
         codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()

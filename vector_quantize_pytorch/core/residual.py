@@ -101,7 +101,9 @@ def first_sample_position(batch: int, device) -> Tensor | int:
 def _last_layer_to_run(cutoffs: Tensor | None, num_quantizers: int) -> int:
     """The last layer some sample keeps, when that is free to know: in eager mode with the cutoffs on the CPU
     (reading them is not a device synchronisation). Otherwise (on an accelerator, or under ``torch.compile``)
-    every layer runs and the dropped ones are masked, which gives the same outputs without a host read.
+    every layer runs and the dropped ones are masked, which gives the same outputs, losses and state without a
+    host read (a layer without a valid row changes no statistic); only the default generator has given out more
+    numbers, so later random choices differ as with another seed.
     Per-sample cutoffs differ between ranks, and layers synchronise their statistics, so under
     torch.distributed every rank runs every layer."""
     if cutoffs is None or cutoffs.device.type != "cpu" or torch.compiler.is_compiling():
