@@ -49,7 +49,9 @@ def test_tiny_run_writes_table_json_and_plot(tiny_run):
     assert list(rows) == ["vq-rot", "fsq"]
     assert rows["vq-rot"]["codebook_size"] == 256 and rows["fsq"]["codebook_size"] == 8 * 6 * 5
     for row in rows.values():
-        assert math.isfinite(row["test_mse"]) and 0 < row["test_mse"] < 1
+        # 4 steps: the decoder is still near its start (about 0.22; a constant 0.5 output scores 0.23 on MNIST,
+        # all zeros 0.10); an output outside [0, 1] or unrelated to the images lands above 0.3
+        assert math.isfinite(row["test_mse"]) and 0.01 < row["test_mse"] < 0.3
         assert 0 < row["usage"] <= 1
         # at least one code, at most every code, and never more codes than 100 test images x 49 positions
         assert 1 <= row["perplexity"] <= min(row["codebook_size"], 100 * 49) + 1e-9
