@@ -168,7 +168,7 @@ class EvoLFQ(nn.Module):
     def evolve(self, fitness_fn, pop_bits=None, pop_size=None, shape=None, generations=None, is_sign=False,
                return_best_decoded=False, **step_kwargs):  # fmt: skip
         """Yield a :class:`Result` per generation; ``best_gene`` is the fittest individual evaluated so far,
-        with its own fitness (the reference pairs a fitness with an individual of the next generation)."""
+        with its own fitness."""
         generations = self.generations if generations is None else generations
         if pop_bits is None:
             if shape is None:

@@ -324,7 +324,7 @@ class FSP(nn.Module):
         check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
         if eps is not None:
             check_float("eps", eps, minimum=0.0)
-        eps = eps or torch.finfo(x.dtype).eps  # like the reference: the input dtype's resolution
+        eps = eps or torch.finfo(x.dtype).eps  # default: the input dtype's resolution
 
         latents = self.project_in(layout.to_tokens(x))
         latents = latents.to(torch.promote_types(latents.dtype, torch.float32))

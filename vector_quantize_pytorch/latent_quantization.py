@@ -38,7 +38,7 @@ MAX_DISTANCES = 2**23
 
 
 def initial_values(level: int) -> Tensor:
-    """The reference's starting grid for one latent dimension: ``level`` values spread over [-0.5, 0.5].
+    """The starting grid for one latent dimension: ``level`` values spread over [-0.5, 0.5].
 
     Odd levels include both ends and zero; even levels start at -0.5 and step by ``1 / level``, so zero is
     still on the grid.
@@ -50,7 +50,7 @@ def initial_values(level: int) -> Tensor:
 
 class _FixedValueGrids(nn.Module):
     """Value grids that are not learned (``optimize_values=False``): non-persistent buffers, indexable like
-    the ``nn.ParameterList`` used when they are learned, and absent from the ``state_dict`` as in the reference."""
+    the ``nn.ParameterList`` used when they are learned, and absent from the ``state_dict``."""
 
     def __init__(self, grids: Sequence[Tensor]):
         super().__init__()
@@ -104,7 +104,7 @@ class LatentQuantize(nn.Module):
 
     In training the returned loss is
     :math:`w_c \cdot \mathrm{MSE}(\mathrm{sg}(x), \hat x) + w_q \cdot \mathrm{MSE}(\mathrm{sg}(\hat x), x)`
-    between the input :math:`x` and the output :math:`\hat x`, as in the reference; the first term also
+    between the input :math:`x` and the output :math:`\hat x`; the first term also
     trains the value grids (the paper's "quantization loss"), the second pulls the encoder towards its codes.
     In eval mode the loss is zero. Non-finite values (NaN, Inf) are left out of both mean squared errors and
     of the in-place optimizer's steps, so they never reach the value grids.
@@ -118,7 +118,7 @@ class LatentQuantize(nn.Module):
         codebook_dim: latent dimensions per codebook; ``<= 0`` takes ``len(levels)``.
         keep_num_codebooks_dim: keep a codebook axis on the indices; always on when ``num_codebooks > 1``.
         optimize_values: the grids are ``nn.Parameter`` s (``values_per_latent.{i}`` in the state_dict);
-            otherwise fixed buffers outside the state_dict. ``None`` turns it off too, like the reference.
+            otherwise fixed buffers outside the state_dict. ``None`` turns it off too.
         in_place_codebook_optimizer: a factory ``params -> torch.optim.Optimizer``. When given, it is called
             once with the value grids, and every training forward takes one step of it on
             :math:`\mathrm{MSE}(v_{k}, \mathrm{sg}(z))` (grids towards the latents), then quantizes with the
@@ -276,7 +276,7 @@ class LatentQuantize(nn.Module):
         all_indices = torch.arange(self.codebook_size, device=self._levels.device)
         return self._values_at(self._flat_values(), self.indices_to_level_indices(all_indices)).detach()
 
-    # ----- the reference's public pieces -----------------------------------------------------------------
+    # ----- public pieces for custom training loops -----------------------------------------------------------------
 
     def quantization_loss(self, z: Tensor, zhat: Tensor, reduce: str = "mean") -> Tensor:
         """``MSE(sg(zhat), z)``: pulls ``z`` towards the codes."""
@@ -304,7 +304,7 @@ class LatentQuantize(nn.Module):
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """Indices from :meth:`forward` -> the output they stand for (``project_out=True``) or the latent codes.
 
-        Image and video indices (two or more spatial axes) give channel-first codes, like the reference;
+        Image and video indices (two or more spatial axes) give channel-first codes;
         sequence indices ``(b, n)`` give ``(b, n, d)``, the layout :meth:`forward` takes them in.
         """
         check_indices("indices", indices)
@@ -317,7 +317,7 @@ class LatentQuantize(nn.Module):
         return codes.movedim(-1, 1) if spatial_axes >= 2 else codes
 
     def quantize_and_project(self, z: Tensor, is_img_or_video: bool, ps) -> tuple[Tensor, Tensor, Tensor]:
-        """The reference's helper on already projected latents.
+        """Quantize already projected latents, project them out and lay out output and indices.
 
         Args:
             z: ``(b, n, num_codebooks, codebook_dim)`` latents.

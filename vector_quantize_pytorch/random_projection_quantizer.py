@@ -25,18 +25,19 @@ class RandomProjectionQuantizer(nn.Module):
 
         k_h = argmax_k  cos(P_h(x), e_{h,k})
 
-    The codebooks live in an inner :class:`VectorQuantize` (``vq``) built as the reference builds it:
+    The codebooks live in an inner :class:`VectorQuantize` (``vq``) built as follows:
     ``dim = codebook_dim * num_codebooks``, ``heads = num_codebooks``, one cosine codebook per head and no
     ``codebook_dim``. With more than one codebook that inner quantizer therefore carries a random Linear
     ``project_in`` from ``codebook_dim * h`` to ``codebook_dim * h * h`` features (and an unused
-    ``project_out``) and ``h * codebook_dim``-wide codes; we keep that structure so that the reference's
-    checkpoints load with ``strict=True`` and give the same indices. All of it is frozen: the codebook is never
+    ``project_out``) and ``h * codebook_dim``-wide codes; that structure is what checkpoints hold, so it is
+    kept. All of it is frozen: the codebook is never
     updated (no EMA, k-means or dead-code replacement) in training or eval mode, and training mode gives
     the same indices as eval mode (the module's mode is never changed behind the caller's back).
 
     When the inner quantizer has its Linear ``project_in``, the three linear maps and the codebook are
     folded into one ``(h, K, dim)`` score matrix (recomputed only when one of them changes), so a call
-    costs ``N * dim * h * K`` multiply-adds instead of the reference's ``N * (h * codebook_dim)^2 * h``.
+    costs ``N * dim * h * K`` multiply-adds instead of ``N * (h * codebook_dim)^2 * h`` through the inner
+    quantizer's projection.
 
     Under ``torch.distributed`` every rank must hold the same projections and codebooks. The first forward
     in a process group broadcasts them from rank 0 (so every rank must make that first call); call

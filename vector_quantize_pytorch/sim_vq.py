@@ -36,7 +36,7 @@ class SimVQ(nn.Module):
     ``rotation_trick=False``, the straight-through estimator.
 
     ``W(C)`` is computed once per forward in float32 (autocast disabled); the nearest-code search works in
-    bounded memory and carries no gradient. As in the reference, the loss is also computed in eval mode
+    bounded memory and carries no gradient. The loss is also computed in eval mode
     (it is then only a measurement: nothing is updated).
 
     Args:
@@ -108,7 +108,7 @@ class SimVQ(nn.Module):
         self.input_to_quantize_commit_loss_weight = float(input_to_quantize_commit_loss_weight)
         self.commitment_weight = float(commitment_weight)
 
-        # created after the frozen codes so that one seed gives the reference's module
+        # created after the frozen codes: the order of random draws fixes which module a seed gives
         if codebook_transform is None:
             codebook_transform = nn.Linear(frozen_dim, dim, bias=False)
         self.code_transform = codebook_transform
@@ -127,8 +127,13 @@ class SimVQ(nn.Module):
         Shape:
             - output: ``(K, dim)``
         """
+        frozen = self.frozen_codebook
+        # a mixed-precision engine (FSDP's param_dtype) may have cast the transform's parameters, not the buffer
+        weight = next((p for p in self.code_transform.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype != frozen.dtype:
+            frozen = frozen.to(weight.dtype)
         with torch.autocast(self.frozen_codebook.device.type, enabled=False):
-            codes = self.code_transform(self.frozen_codebook)
+            codes = self.code_transform(frozen)
         if not isinstance(codes, Tensor) or codes.shape != (self.codebook_size, self.dim):
             got = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
             raise ValueError(

@@ -40,38 +40,26 @@ __all__ = [
 # ------------------------------------------------------------------ straight-through rounding
 
 
-class _RoundSTE(torch.autograd.Function):
-    """``round(x)`` forward, identity backward: one operation each way."""
+class _ValueStraightThrough(torch.autograd.Function):
+    """``op(x)`` forward (an elementwise rounding), identity backward: one operation each way."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.round()
+    def forward(ctx, x: Tensor, op) -> Tensor:
+        return op(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
-class _FloorSTE(torch.autograd.Function):
-    """``floor(x)`` forward, identity backward: one operation each way."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.floor()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 def round_ste(x: Tensor) -> Tensor:
     """``round(x)`` with a straight-through (identity) gradient; the value is exactly ``round(x)``."""
-    return _RoundSTE.apply(x)
+    return _ValueStraightThrough.apply(x, torch.round)
 
 
 def floor_ste(x: Tensor) -> Tensor:
     """``floor(x)`` with a straight-through (identity) gradient; the value is exactly ``floor(x)``."""
-    return _FloorSTE.apply(x)
+    return _ValueStraightThrough.apply(x, torch.floor)
 
 
 # ------------------------------------------------------------------ rotation trick

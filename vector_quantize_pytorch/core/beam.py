@@ -7,8 +7,8 @@ by the beam score survive (one at the last layer). The score of a candidate that
 with residual ``r`` is
 
 - ``"final"``: ``-||r - c||^2 / d``, the error of the reconstruction so far (faiss's criterion);
-- ``"sum"``: the path's score ``- w_m ||r - c||^2 / d``, the weighted sum of every layer's error (the
-  reference's), with ``r`` l2-normalised on a cosine-similarity layer.
+- ``"sum"``: the path's score ``- w_m ||r - c||^2 / d``, the weighted sum of every layer's error, with
+  ``r`` l2-normalised on a cosine-similarity layer.
 
 With quantize dropout a token's path ends at its own last layer (``stops``): it takes the best path of the
 beam at that layer, the path a beam through the kept layers alone finds, since a beam's state at a layer does
@@ -61,19 +61,17 @@ from torch import Tensor
 from .policy import chunk_policy
 from .search import balanced_chunk, distance_logits, squared_norms
 
-# A beam step holds several temporaries of its chunk's size (distances, candidate codes, errors); a quarter
-# of the logits budget was twice as fast as the whole of it (20k tokens, 256 codes, d = 32, beam 4 and 8,
-# 2 CPU cores).
+# A beam step holds several temporaries of its chunk's size; a quarter of the logits budget was twice as fast as
+# the whole of it (20k tokens, 256 codes, d = 32, beam 4 and 8, 2 CPU cores).
 BEAM_BUDGET_FRACTION = 4
 
 # The tables of all layers together may hold this many times the logits budget (CPU: 2^25 values, 128 MiB,
 # enough for 8 layers of 1024 codes); later layers estimate from the residuals.
 TABLE_BUDGET_FACTOR = 4
 
-# From this code size on, x.c and table rows estimate faster than the product with the residuals, tables
-# built in every call included (5000 tokens, 4 layers of 1024 codes, beam 4, 1 CPU core: the product was 3%
-# faster at d = 128, the tables 18% at d = 256 and 20% at d = 512; with 8 layers the product was 12% faster at
-# d = 128).
+# From this code size on, x.c and table rows estimate faster than the product with the residuals, tables built
+# in every call included (5000 tokens, 4 layers of 1024 codes, beam 4, 1 CPU core: the product 3% faster at
+# d = 128, the tables 18% at d = 256, 20% at d = 512; with 8 layers the product 12% faster at d = 128).
 TABLE_MIN_DIM = 256
 
 # Candidates per token (tables) or per path (vectors) scored exactly beyond the ones kept.
@@ -328,11 +326,7 @@ def vector_step(beam: Beam, book: Tensor, cosine: bool, keep: int, beam_size: in
 
 
 def with_one(v: Tensor) -> Tensor:
-    """``[v, 1]``: a product with ``[-c, b]`` is ``b - v.c``.
-
-    Shape:
-        - v: ``(n, d)``; output: ``(n, d + 1)``
-    """
+    """``[v, 1]`` ``(n, d + 1)`` of ``(n, d)`` rows: a product with ``[-c, b]`` is ``b - v.c``."""
     return torch.cat((v, v.new_ones(v.shape[0], 1)), dim=1)
 
 
@@ -499,15 +493,6 @@ def beam_search(
     widest = max(c.shape[0] + -c.shape[0] % SELECT_BLOCK for c in codes)
     chunk = balanced_chunk(n, max(1, max_scores // BEAM_BUDGET_FRACTION // (beam_size * max(widest, beam_size * d))))
     context = search_context(codes, cosine, method == "tables", beam_size, max_scores, chunk)
-    parts = [
-        beam_chunk(
-            x[s : s + chunk],
-            None if stops is None else stops[s : s + chunk],
-            context,
-            beam_size,
-            score=score,
-            weights=weights,
-        )  # fmt: skip
-        for s in range(0, n, chunk)
-    ]
+    parts = [beam_chunk(x[s : s + chunk], None if stops is None else stops[s : s + chunk], context, beam_size,
+                        score=score, weights=weights) for s in range(0, n, chunk)]  # fmt: skip
     return torch.cat(parts) if parts else torch.zeros(0, q, dtype=torch.long, device=x.device)
