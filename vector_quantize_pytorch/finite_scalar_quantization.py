@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .core.layout import TokenLayout
+from .core.layout import parse_input
 from .core.linear import project
 from .core.radix import (
     INT64_CODEBOOK_LIMIT,
@@ -25,14 +26,10 @@ from .core.radix import (
 )
 from .core.tensors import as_dtype
 from .core.validate import (
-    check_bool,
-    check_feature_size,
+    check_arguments,
     check_float,
     check_indices,
-    check_input,
-    check_int,
     check_int_sequence,
-    check_optional_bool,
 )
 
 IMPLICIT_CODEBOOK_MAX_CODES = 2**26  # `implicit_codebook` refuses to enumerate more codes than this
@@ -73,6 +70,58 @@ def floor_ste(x: Tensor) -> Tensor:
 
 
 DEFAULT_BOUND_EPS = 1e-3
+
+_ARGUMENTS = {
+    "int": {"num_codebooks": 1},
+    "optional_int": {"dim": 1},
+    "float": {"noise_dropout": (0.0, 1.0)},
+    "bool": ("preserve_symmetry", "channel_first", "projection_has_bias", "return_indices", "force_quantization_f32",
+             "bound_hard_clamp", "orthogonal_rotation"),
+    "optional_bool": ("keep_num_codebooks_dim",),
+}  # fmt: skip
+_STORED_OPTIONS = (
+    "scale", "channel_first", "return_indices", "force_quantization_f32", "preserve_symmetry", "bound_hard_clamp",
+    "orthogonal_rotation",
+)  # fmt: skip
+
+
+def _checked_levels(args: dict) -> tuple[tuple[int, ...], int]:
+    """``(levels, codebook_size)`` after the checks that involve the levels."""
+    levels = check_int_sequence("levels", args["levels"], minimum=2)
+    if 2 in levels and not args["preserve_symmetry"]:
+        raise ValueError(
+            f"levels={list(levels)} has a level of 2, which needs preserve_symmetry=True: with the default "
+            "bound a 2-level dimension maps nearly every input to one level. Use levels >= 3 or "
+            "preserve_symmetry=True"
+        )
+    if args["scale"] is not None:
+        check_float("scale", args["scale"])
+    if args["noise_dropout"] > 0 and not args["preserve_symmetry"]:
+        raise ValueError(f"noise_dropout={float(args['noise_dropout'])} needs preserve_symmetry=True")
+    codebook_size = codebook_size_of(levels)
+    if args["return_indices"] and codebook_size > INT64_CODEBOOK_LIMIT:
+        raise ValueError(
+            f"levels={list(levels)} give {codebook_size} codes, more than int64 indices can number "
+            f"({INT64_CODEBOOK_LIMIT}); use fewer levels or return_indices=False"
+        )
+    return tuple(levels), codebook_size
+
+
+class _LevelConstants(NamedTuple):
+    bound: tuple[Tensor, Tensor, Tensor, Tensor]  # half range, offset, shift and atanh(shift) of the bound
+    half_width: Tensor  # L // 2, exactly, as a float
+    levels_minus_1: Tensor  # int64, as the bound multiplies by it (keeps a bf16 input's dtype)
+    lowest_level: Tensor  # the lower clamp of level indices, as a tensor like the upper
+    symmetric_step: Tensor  # 2 / (L - 1)
+
+    @classmethod
+    def of(cls, levels: Tensor) -> _LevelConstants:
+        half_range = (levels - 1) * (1 + DEFAULT_BOUND_EPS) / 2
+        offset = (levels % 2 == 0) * 0.5
+        shift = offset / half_range
+        half_width = (levels // 2).to(half_range.dtype)
+        return cls((half_range, offset, shift, torch.atanh(shift)), half_width, levels - 1, torch.zeros_like(levels),
+                   2.0 / (levels - 1))  # fmt: skip
 
 
 def _check_dtypes(name: str, value) -> tuple[torch.dtype, ...]:
@@ -161,94 +210,50 @@ class FSQ(nn.Module):
         orthogonal_rotation: bool = False,
     ):
         super().__init__()
-        levels = check_int_sequence("levels", levels, minimum=2)
-        preserve_symmetry = check_bool("preserve_symmetry", preserve_symmetry)
-        if 2 in levels and not preserve_symmetry:
-            raise ValueError(
-                f"levels={list(levels)} has a level of 2, which needs preserve_symmetry=True: with the default "
-                "bound a 2-level dimension maps nearly every input to one level. Use levels >= 3 or "
-                "preserve_symmetry=True"
-            )
-        num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
-        keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
+        args = dict(locals())
+        check_arguments(args, **_ARGUMENTS)
+        levels, codebook_size = _checked_levels(args)
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError(
                 f"keep_num_codebooks_dim must be True when num_codebooks > 1, got num_codebooks={num_codebooks}"
             )
-        codebook_dim = len(levels)
-        effective_codebook_dim = codebook_dim * num_codebooks
-        dim = effective_codebook_dim if dim is None else check_int("dim", dim, minimum=1)
-        if scale is not None:
-            check_float("scale", scale)
-        allowed_dtypes = _check_dtypes("allowed_dtypes", allowed_dtypes)
-        noise_dropout = check_float("noise_dropout", noise_dropout, minimum=0.0, maximum=1.0)
-        if noise_dropout > 0 and not preserve_symmetry:
-            raise ValueError(f"noise_dropout={noise_dropout} needs preserve_symmetry=True")
-        return_indices = check_bool("return_indices", return_indices)
-        codebook_size = codebook_size_of(levels)
-        if return_indices and codebook_size > INT64_CODEBOOK_LIMIT:
-            raise ValueError(
-                f"levels={list(levels)} give {codebook_size} codes, more than int64 indices can number "
-                f"({INT64_CODEBOOK_LIMIT}); use fewer levels or return_indices=False"
-            )
-
-        self.levels = tuple(levels)
-        self.codebook_dim = codebook_dim
-        self.codebook_size = codebook_size
-        self.num_codebooks = num_codebooks
-        self.effective_codebook_dim = effective_codebook_dim
+        effective_codebook_dim = len(levels) * num_codebooks
+        self.levels, self.codebook_dim, self.codebook_size = levels, len(levels), codebook_size
+        self.num_codebooks, self.effective_codebook_dim = num_codebooks, effective_codebook_dim
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
-        self.dim = dim
-        self.scale = scale
-        self.allowed_dtypes = allowed_dtypes
-        self.channel_first = check_bool("channel_first", channel_first)
-        self.return_indices = return_indices
-        self.force_quantization_f32 = check_bool("force_quantization_f32", force_quantization_f32)
-        self.preserve_symmetry = preserve_symmetry
-        self.noise_dropout = noise_dropout
-        self.bound_hard_clamp = check_bool("bound_hard_clamp", bound_hard_clamp)
-        self.orthogonal_rotation = check_bool("orthogonal_rotation", orthogonal_rotation)
-        projection_has_bias = check_bool("projection_has_bias", projection_has_bias)
+        self.dim = effective_codebook_dim if dim is None else dim
+        self.allowed_dtypes = _check_dtypes("allowed_dtypes", allowed_dtypes)
+        self.noise_dropout = float(noise_dropout)
+        for name in _STORED_OPTIONS:
+            setattr(self, name, args[name])
 
-        self.has_projections = dim != effective_codebook_dim
+        self.has_projections = self.dim != effective_codebook_dim
         if self.has_projections:
-            self.project_in = nn.Linear(dim, effective_codebook_dim, bias=projection_has_bias)
-            self.project_out = nn.Linear(effective_codebook_dim, dim, bias=projection_has_bias)
+            self.project_in = nn.Linear(self.dim, effective_codebook_dim, bias=projection_has_bias)
+            self.project_out = nn.Linear(effective_codebook_dim, self.dim, bias=projection_has_bias)
         else:
-            self.project_in = nn.Identity()
-            self.project_out = nn.Identity()
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
 
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
         self.register_buffer("_basis", radix_basis(levels), persistent=False)
-        self._set_level_constants()
-
-        if self.orthogonal_rotation:
+        self._constants, self._constants_of = None, None
+        if orthogonal_rotation:
             if len(set(levels)) > 1:
                 warnings.warn(
                     "orthogonal_rotation is not recommended for FSQ with levels that differ across dimensions",
                     stacklevel=2,
                 )
-            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(len(levels), len(levels))))
 
-    def _set_level_constants(self) -> None:
-        """Per-dimension constants of the bounds, computed once from the int64 ``_levels`` with exactly the
-        arithmetic (and float32 results) the bounds would otherwise repeat on every call. Plain attributes,
-        not buffers, so that ``.half()`` cannot round them; :meth:`_apply` recomputes them on the new device."""
-        levels = self._levels
-        half_range = (levels - 1) * (1 + DEFAULT_BOUND_EPS) / 2
-        offset = (levels % 2 == 0) * 0.5
-        shift = offset / half_range
-        self._bound_constants = (half_range, offset, shift, torch.atanh(shift))
-        self._half_width = (levels // 2).to(half_range.dtype)  # L // 2, exactly, as a float
-        self._levels_minus_1 = levels - 1  # int64, as the bound multiplies by it (keeps a bf16 input's dtype)
-        self._lowest_level = torch.zeros_like(levels)  # the lower clamp of level indices, as a tensor like the upper
-        self._symmetric_step = 2.0 / self._levels_minus_1  # 2 / (L - 1)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._set_level_constants()
-        return self
+    def _level_constants(self) -> _LevelConstants:
+        """Per-dimension constants of the bounds, computed from the int64 ``_levels`` with exactly the arithmetic
+        (and float32 results) the bounds would otherwise repeat on every call. Kept as plain attributes, not
+        buffers, so that ``.half()`` cannot round them; computed again when ``_levels`` moves to another device
+        (``.to()`` replaces the buffer)."""
+        if self._constants_of is not self._levels:
+            self._constants, self._constants_of = _LevelConstants.of(self._levels), self._levels
+        return self._constants
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -276,7 +281,7 @@ class FSQ(nn.Module):
         """:meth:`bound`'s codes and the rounded values ``r`` they are ``r / (L // 2)`` of (still attached to the
         graph: callers only turn them into integers, which carry no gradient)."""
         if eps == DEFAULT_BOUND_EPS:
-            half_range, offset, shift, atanh_shift = self._bound_constants
+            half_range, offset, shift, atanh_shift = self._level_constants().bound
         else:
             levels = self._levels
             half_range = (levels - 1) * (1 + eps) / 2
@@ -288,7 +293,7 @@ class FSQ(nn.Module):
         else:
             bounded = torch.tanh(z + atanh_shift) * half_range - offset
         rounded = round_ste(bounded)
-        return rounded / self._half_width, rounded
+        return rounded / self._level_constants().half_width, rounded
 
     def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
         """``2 / (L - 1) * floor((L - 1)(tanh(z) + 1) / 2 + 0.5) - 1`` (arXiv 2411.19842, section 3.2)."""
@@ -298,8 +303,9 @@ class FSQ(nn.Module):
         """:meth:`symmetry_preserving_bound`'s codes and their level indices in ``[0, L)`` (as floats still attached
         to the graph: callers only turn them into integers)."""
         squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
-        level_index = floor_ste((self._levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
-        return self._symmetric_step * level_index - 1.0, level_index
+        constants = self._level_constants()
+        level_index = floor_ste((constants.levels_minus_1 * (squashed + 1) / 2.0) + 0.5)
+        return constants.symmetric_step * level_index - 1.0, level_index
 
     def quantize(self, z: Tensor) -> Tensor:
         """Quantize ``(..., codebook_dim)`` to codes of the same shape, straight-through gradient."""
@@ -316,9 +322,10 @@ class FSQ(nn.Module):
             codes, level_index = self._symmetric_levels(z, self.bound_hard_clamp)
         else:
             codes, rounded = self._bound_levels(z, DEFAULT_BOUND_EPS, self.bound_hard_clamp)
-            level_index = rounded + self._half_width
+            level_index = rounded + self._level_constants().half_width
         # out of range only for non-finite inputs; clamped into [0, L - 1] as codes_to_indices clamps them
-        return codes, level_index.long().clamp_(self._lowest_level, self._levels_minus_1)
+        constants = self._level_constants()
+        return codes, level_index.long().clamp_(constants.lowest_level, constants.levels_minus_1)
 
     def maybe_apply_noise(self, codes: Tensor) -> Tensor:
         """Noise dropout (training only): see ``noise_dropout``."""
@@ -428,13 +435,9 @@ class FSQ(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Quantize ``z``; returns ``(out, indices)`` (see the class docstring for shapes)."""
-        check_input("z", z, min_ndim=2)
-        channel_first = self.channel_first or z.ndim >= 4
-        layout = TokenLayout.of(z, channel_first=channel_first)
-        feature_axis = 1 if channel_first or z.ndim == 2 else -1
-        check_feature_size("z", z, feature_axis, self.dim, "(b, d, ...)" if channel_first else "(b, ..., d)")
-
-        tokens = project(self.project_in, layout.to_tokens(z))
+        parsed = parse_input(z, dim=self.dim, channel_first=True if self.channel_first else None, name="z")
+        layout = parsed.layout
+        tokens = project(self.project_in, parsed.tokens)
         codes, indices = self._quantize_tokens(tokens)
         out = as_dtype(layout.from_tokens(project(self.project_out, codes)), z.dtype)
 

@@ -21,18 +21,15 @@ from torch import Tensor, nn
 from .core.distributed import mean_over_ranks, should_sync
 from .core.entropy import code_entropy, per_sample_entropy, token_weights
 from .core.estimators import straight_through
-from .core.layout import TokenLayout, check_mask
+from .core.layout import parse_input
 from .core.linear import project
 from .core.radix import bit_weights, bits_to_index, index_to_bits
 from .core.tensors import as_dtype, at_least_float32
 from .core.validate import (
-    check_bool,
-    check_feature_size,
+    check_arguments,
     check_float,
     check_indices,
-    check_input,
     check_int,
-    check_optional_bool,
 )
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
@@ -80,6 +77,47 @@ def sample_token_subset(mask: Tensor | None, num_tokens: int, fraction: float, d
         return rank < max(1, math.floor(num_tokens * fraction))
     keep = rank < (mask.sum() * fraction).floor().clamp(min=1)
     return keep & mask
+
+
+_ARGUMENTS = {
+    "int": {"num_codebooks": 1},
+    "float": {"entropy_loss_weight": (0.0, None), "commitment_loss_weight": (0.0, None),
+              "diversity_gamma": (0.0, None), "entropy_loss_offset": (None, None)},
+    "bool": ("projection_has_bias", "cosine_sim_project_in", "experimental_softplus_entropy_loss", "spherical",
+             "force_quantization_f32", "orthogonal_rotation"),
+    "optional_bool": ("has_projections", "keep_num_codebooks_dim", "channel_first"),
+}  # fmt: skip
+_STORED_OPTIONS = (
+    "entropy_loss_weight", "commitment_loss_weight", "diversity_gamma", "codebook_scale", "frac_per_sample_entropy",
+    "soft_clamp_input_value", "channel_first", "experimental_softplus_entropy_loss", "entropy_loss_offset",
+    "spherical", "force_quantization_f32", "orthogonal_rotation",
+)  # fmt: skip
+
+
+def _sizes(dim, codebook_size, num_codebooks) -> tuple[int, int, int, int]:
+    """``(dim, codebook_size, bits per codebook, num_codebooks)`` from what was given (checked)."""
+    if dim is None and codebook_size is None:
+        raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
+    if codebook_size is None:
+        codebook_size = 2 ** check_int("dim", dim, minimum=1, maximum=MAX_CODEBOOK_BITS)
+    codebook_size = check_int("codebook_size", codebook_size, minimum=2, maximum=2**MAX_CODEBOOK_BITS)
+    if codebook_size & (codebook_size - 1):
+        raise ValueError(
+            f"codebook_size must be a power of 2, got {codebook_size} (nearest above: "
+            f"{2 ** codebook_size.bit_length()})"
+        )
+    codebook_dim = codebook_size.bit_length() - 1
+    dim = codebook_dim * num_codebooks if dim is None else check_int("dim", dim, minimum=1)
+    return dim, codebook_size, codebook_dim, num_codebooks
+
+
+def _check_scales(args: dict) -> None:
+    check_float("codebook_scale", args["codebook_scale"], minimum=0.0, min_exclusive=True)
+    check_float("frac_per_sample_entropy", args["frac_per_sample_entropy"], minimum=0.0, maximum=1.0,
+                min_exclusive=True)  # fmt: skip
+    for name in ("soft_clamp_input_value", "cosine_sim_project_in_scale"):
+        if args[name] is not None:
+            check_float(name, args[name])
 
 
 class LFQ(nn.Module):
@@ -187,28 +225,17 @@ class LFQ(nn.Module):
         orthogonal_rotation: bool = False,
     ):
         super().__init__()
-        if dim is None and codebook_size is None:
-            raise ValueError("LFQ needs dim or codebook_size (or both), got neither")
-        if codebook_size is None:
-            codebook_size = 2 ** check_int("dim", dim, minimum=1, maximum=MAX_CODEBOOK_BITS)
-        codebook_size = check_int("codebook_size", codebook_size, minimum=2, maximum=2**MAX_CODEBOOK_BITS)
-        if codebook_size & (codebook_size - 1):
-            raise ValueError(
-                f"codebook_size must be a power of 2, got {codebook_size} (nearest above: "
-                f"{2 ** codebook_size.bit_length()})"
-            )
-        num_codebooks = check_int("num_codebooks", num_codebooks, minimum=1)
-        codebook_dim = codebook_size.bit_length() - 1
+        args = dict(locals())
+        check_arguments(args, **_ARGUMENTS)
+        _check_scales(args)
+        dim, codebook_size, codebook_dim, num_codebooks = _sizes(dim, codebook_size, num_codebooks)
         codebook_dims = codebook_dim * num_codebooks
-        dim = codebook_dims if dim is None else check_int("dim", dim, minimum=1)
-        has_projections = check_optional_bool("has_projections", has_projections)
         has_projections = dim != codebook_dims if has_projections is None else has_projections
         if not has_projections and dim != codebook_dims:
             raise ValueError(
                 "has_projections=False needs dim == log2(codebook_size) * num_codebooks = "
                 f"{codebook_dims}, got dim={dim}"
             )
-        keep_num_codebooks_dim = check_optional_bool("keep_num_codebooks_dim", keep_num_codebooks_dim)
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError(
@@ -218,57 +245,38 @@ class LFQ(nn.Module):
             raise TypeError(
                 f"straight_through_activation must be a callable module, got {straight_through_activation!r}"
             )
-        codebook_scale = check_float("codebook_scale", codebook_scale, minimum=0.0, min_exclusive=True)
-        if soft_clamp_input_value is not None:
-            soft_clamp_input_value = check_float("soft_clamp_input_value", soft_clamp_input_value)
-            if soft_clamp_input_value < codebook_scale:
-                raise ValueError(
-                    f"soft_clamp_input_value must be >= codebook_scale={codebook_scale}, got {soft_clamp_input_value}"
-                )
-        cosine_sim_project_in = check_bool("cosine_sim_project_in", cosine_sim_project_in)
-        if cosine_sim_project_in_scale is not None:
-            cosine_sim_project_in_scale = check_float("cosine_sim_project_in_scale", cosine_sim_project_in_scale)
-        projection_has_bias = check_bool("projection_has_bias", projection_has_bias)
+        if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
+            raise ValueError(
+                f"soft_clamp_input_value must be >= codebook_scale={codebook_scale}, got {soft_clamp_input_value}"
+            )
 
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
+        self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
         self.num_codebooks = num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.has_projections = has_projections
-        self.entropy_loss_weight = check_float("entropy_loss_weight", entropy_loss_weight, minimum=0.0)
-        self.commitment_loss_weight = check_float("commitment_loss_weight", commitment_loss_weight, minimum=0.0)
-        self.diversity_gamma = check_float("diversity_gamma", diversity_gamma, minimum=0.0)
         self.activation = straight_through_activation
-        self.codebook_scale = codebook_scale
-        self.frac_per_sample_entropy = check_float(
-            "frac_per_sample_entropy", frac_per_sample_entropy, minimum=0.0, maximum=1.0, min_exclusive=True
-        )
-        self.soft_clamp_input_value = soft_clamp_input_value
-        self.channel_first = check_optional_bool("channel_first", channel_first)
-        self.experimental_softplus_entropy_loss = check_bool(
-            "experimental_softplus_entropy_loss", experimental_softplus_entropy_loss
-        )
-        self.entropy_loss_offset = check_float("entropy_loss_offset", entropy_loss_offset)
-        self.spherical = check_bool("spherical", spherical)
-        self.force_quantization_f32 = check_bool("force_quantization_f32", force_quantization_f32)
-        self.orthogonal_rotation = check_bool("orthogonal_rotation", orthogonal_rotation)
-
-        if not has_projections:
-            self.project_in = nn.Identity()
-            self.project_out = nn.Identity()
-        else:
-            if cosine_sim_project_in:
-                scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
-                self.project_in = CosineSimLinear(dim, codebook_dims, scale=scale)
-            else:
-                self.project_in = nn.Linear(dim, codebook_dims, bias=projection_has_bias)
-            self.project_out = nn.Linear(codebook_dims, dim, bias=projection_has_bias)
+        for name in _STORED_OPTIONS:
+            value = args[name]
+            setattr(self, name, float(value) if type(value) in (int, float) else value)
+        self._build_projections(has_projections, dim, codebook_dims, args)
 
         if self.orthogonal_rotation:
             self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
         self.register_buffer("mask", bit_weights(codebook_dim))  # weight of each bit; the only state_dict key
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)  # carries the module's float dtype
+
+    def _build_projections(self, has_projections: bool, dim: int, codebook_dims: int, args: dict) -> None:
+        if not has_projections:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+            return
+        bias = args["projection_has_bias"]
+        if args["cosine_sim_project_in"]:
+            scale = args["cosine_sim_project_in_scale"]
+            scale = args["codebook_scale"] if scale is None else scale
+            self.project_in = CosineSimLinear(dim, codebook_dims, scale=scale)
+        else:
+            self.project_in = nn.Linear(dim, codebook_dims, bias=bias)
+        self.project_out = nn.Linear(codebook_dims, dim, bias=bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -376,13 +384,6 @@ class LFQ(nn.Module):
 
     # forward
 
-    def _token_mask(self, mask: Tensor | None, layout: TokenLayout, batch: int) -> Tensor | None:
-        if mask is None:
-            return None
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a bool torch.Tensor of shape (batch, seq), got {type(mask).__name__}")
-        return check_mask(layout.mask_to_tokens(mask), batch, layout.num_tokens).flatten()
-
     def forward(
         self,
         x: Tensor,
@@ -391,17 +392,12 @@ class LFQ(nn.Module):
         mask: Tensor | None = None,
     ):
         """Quantize ``x``; returns ``Return(quantized, indices, entropy_aux_loss)`` (see the class docstring)."""
-        check_input("x", x, min_ndim=2)
+        parsed = parse_input(x, dim=self.dim, channel_first=self.channel_first, mask=mask)
         if not isinstance(inv_temperature, Tensor):
             inv_temperature = check_float("inv_temperature", inv_temperature, minimum=0.0)
-        channel_first = x.ndim >= 4 if self.channel_first is None else self.channel_first
-        layout = TokenLayout.of(x, channel_first=channel_first)
-        check_feature_size(
-            "x", x, 1 if channel_first else -1, self.dim, "(b, d, ...)" if channel_first else "(b, ..., d)"
-        )
-        token_mask = self._token_mask(mask, layout, x.shape[0])
+        layout, token_mask = parsed.layout, None if parsed.mask is None else parsed.mask.flatten()
 
-        tokens = project(self.project_in, layout.to_tokens(x))
+        tokens = project(self.project_in, parsed.tokens)
         if self.soft_clamp_input_value is not None:
             tokens = (tokens / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
 

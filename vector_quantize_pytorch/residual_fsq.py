@@ -117,17 +117,14 @@ class ResidualFSQ(ResidualStack):
         if bound_hard_clamp:
             soft_clamp_input_value = 1 + 1 / (levels_t - 1)
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
-        self._set_layer_scales()
+        self._scale_rows, self._scales_of = None, None
 
-    def _set_layer_scales(self) -> None:
-        """Every layer's row of ``scales``, as a tuple of views (no indexing operator per layer and call);
-        :meth:`_apply` takes them again from the moved or converted buffer."""
-        self._layer_scales = self.scales.unbind(0)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._set_layer_scales()
-        return self
+    def _layer_scales(self) -> tuple[Tensor, ...]:
+        """Every layer's row of ``scales``, as a tuple of views (no indexing operator per layer and call), taken
+        again when ``.to()`` or a dtype conversion has replaced the buffer."""
+        if self._scales_of is not self.scales:
+            self._scale_rows, self._scales_of = self.scales.unbind(0), self.scales
+        return self._scale_rows
 
     @property
     def codebooks(self) -> Tensor:
@@ -135,7 +132,7 @@ class ResidualFSQ(ResidualStack):
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
     def _quantize_layer(self, index, residual, mask, *, previous):
-        scale = self._layer_scales[index]
+        scale = self._layer_scales()[index]
         quantized, indices = self.layers[index](as_dtype(residual, torch.float32) / scale)
         return as_dtype(quantized * scale, residual.dtype), indices, None
 
