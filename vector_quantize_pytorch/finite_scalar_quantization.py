@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .core.autograd import floor_ste, round_ste
 from .core.layout import parse_input
 from .core.linear import project
 from .core.radix import (
@@ -33,40 +34,6 @@ from .core.validate import (
 )
 
 IMPLICIT_CODEBOOK_MAX_CODES = 2**26  # `implicit_codebook` refuses to enumerate more codes than this
-
-
-class _RoundSTE(torch.autograd.Function):
-    """``round(x)`` forward, identity backward: one operation each way."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.round()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
-class _FloorSTE(torch.autograd.Function):
-    """``floor(x)`` forward, identity backward: one operation each way."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.floor()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """``round(x)`` with a straight-through (identity) gradient; the value is exactly ``round(x)``."""
-    return _RoundSTE.apply(x)
-
-
-def floor_ste(x: Tensor) -> Tensor:
-    """``floor(x)`` with a straight-through (identity) gradient; the value is exactly ``floor(x)``."""
-    return _FloorSTE.apply(x)
 
 
 DEFAULT_BOUND_EPS = 1e-3
