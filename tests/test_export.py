@@ -407,10 +407,13 @@ def test_hierarchical_vq_exports_a_dynamic_batch_under_an_unbounded_search_polic
 @pytest.mark.xfail(strict=True, reason=HVQ_SPATIAL_GUARD)
 def test_hierarchical_vq_exports_dynamic_spatial_axes():
     hvq = _hierarchical_vq()
+    encode = Encode(hvq)
+    shapes = {0: Dim("b", min=1), 2: Dim("h", min=1), 3: Dim("w", min=1)}
     with vqp.use_chunk_policy(EXPORT_POLICY):
-        torch.export.export(
-            Encode(hvq), (torch.randn(3, D, 8, 8),), dynamic_shapes={"x": {0: Dim.DYNAMIC, 2: Dim("h", min=1)}}
-        )
+        program = torch.export.export(encode, (torch.randn(3, D, 8, 8),), dynamic_shapes={"x": shapes})
+    for seed, (b, h, w) in enumerate(((3, 8, 8), (2, 5, 7), (2, 2, 2), (1, 4, 4))):
+        x = torch.randn((b, D, h, w), generator=torch.Generator().manual_seed(seed))
+        assert_same(exported(program, x), eager(encode, x), f"HierarchicalVQ forward on {tuple(x.shape)}")
 
 
 def test_every_public_quantizer_has_an_export_case():
