@@ -108,6 +108,7 @@ class RandomProjectionQuantizer(nn.Module):
 
         self._synced = False
         self._folded: tuple | None = None  # (key of the source tensors, scores matrix, scores offset)
+        self.register_load_state_dict_post_hook(_forget_folded_scores)
 
     def __getstate__(self) -> dict:
         """Pickling and deep copies leave out the folded-scores cache: it holds weak references (which cannot be
@@ -115,6 +116,11 @@ class RandomProjectionQuantizer(nn.Module):
         state = self.__dict__.copy()
         state["_folded"] = None
         return state
+
+    def forget_folded_scores(self) -> None:
+        """Drop the cached folded scores (rebuilt on the next call): needed only after writing new values into
+        the projections or codes in place by hand."""
+        self._folded = None
 
     # ------------------------------------------------------------------ distributed
 
@@ -129,7 +135,7 @@ class RandomProjectionQuantizer(nn.Module):
                     if synced is not tensor:
                         tensor.copy_(synced)
         self._synced = True
-        self._folded = None  # a collective writes storage without bumping version counters
+        self._folded = None  # the broadcast may have written new values in place
 
     # ------------------------------------------------------------------ forward
 
@@ -196,13 +202,15 @@ class RandomProjectionQuantizer(nn.Module):
         return nearest_codes(frames.unsqueeze(0).expand(h, -1, -1), scores, code_sq_norms=-2 * offsets)
 
     def _folded_scores(self) -> tuple[Tensor, Tensor]:
-        """``g`` ``(h, K, dim)`` and ``c`` ``(h, K)``, recomputed when a source tensor was replaced (``.to()``,
-        reassignment) or modified in place (``load_state_dict``, ``copy_``, the codebook setter). Writes that
-        bypass version counters (through ``.data``) are not seen."""
+        """``g`` ``(h, K, dim)`` and ``c`` ``(h, K)``, recomputed when a source tensor was replaced or moved
+        (``.to()``, a dtype conversion, reassignment), after ``load_state_dict``, :meth:`sync_buffers_` and the
+        ``vq.codebook`` setter. Other in-place writes to the projections or codes (they are frozen) are not
+        seen: call :meth:`forget_folded_scores` after one."""
         linear = self.vq.project_in
         sources = tuple(t for t in (self.rand_projs, linear.weight, linear.bias, self.vq.codebook) if t is not None)
-        if self._folded is None or not all(_unchanged(t, key) for t, key in zip(sources, self._folded[0])):
-            keys = tuple((weakref.ref(t), t._version, t.data_ptr()) for t in sources)
+        revision = self.vq.codebook_revision
+        if self._folded is None or not _same_sources(sources, revision, self._folded[0]):
+            keys = (revision, tuple((weakref.ref(t), t.data_ptr(), t.dtype, t.device) for t in sources))
             self._folded = (keys, *self._fold())
         return self._folded[1], self._folded[2]
 
@@ -218,7 +226,15 @@ class RandomProjectionQuantizer(nn.Module):
         return scores, offsets
 
 
-def _unchanged(t: Tensor, key: tuple) -> bool:
-    """Whether ``t`` is the very tensor recorded in ``key``, at the same version and address."""
-    ref, version, address = key
-    return ref() is t and t._version == version and t.data_ptr() == address
+def _same_sources(sources: tuple[Tensor, ...], revision: int, key: tuple) -> bool:
+    """Whether ``sources`` are the very tensors recorded in ``key``, at the same address, dtype and device, and
+    the codebook revision is the same."""
+    recorded_revision, recorded = key
+    return recorded_revision == revision and all(
+        ref() is t and (address, dtype, device) == (t.data_ptr(), t.dtype, t.device)
+        for t, (ref, address, dtype, device) in zip(sources, recorded)
+    )
+
+
+def _forget_folded_scores(module: RandomProjectionQuantizer, incompatible_keys) -> None:
+    module.forget_folded_scores()

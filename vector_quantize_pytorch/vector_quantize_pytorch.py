@@ -48,8 +48,10 @@ _ARGUMENTS = {
 
 # (arguments that cannot be combined, the error): checked after the defaults that depend on others are resolved
 _INCOMPATIBLE = [
-    (lambda a: a["accept_image_fmap"] and a["accept_3d_fmap"], "accept_image_fmap and accept_3d_fmap cannot both be True"),
-    (lambda a: a["use_cosine_sim"] and a["learnable_codebook"], "use_cosine_sim=True is not supported with a learnable codebook"),
+    (lambda a: a["accept_image_fmap"] and a["accept_3d_fmap"],
+     "accept_image_fmap and accept_3d_fmap cannot both be True"),
+    (lambda a: a["use_cosine_sim"] and a["learnable_codebook"],
+     "use_cosine_sim=True is not supported with a learnable codebook"),
     (lambda a: a["ema_update"] and a["learnable_codebook"],
      "learnable_codebook=True requires ema_update=False (the codebook learns by gradients)"),
     (lambda a: a["straight_through"] and a["learnable_codebook"],
@@ -251,6 +253,8 @@ class VectorQuantize(nn.Module):
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer else None
         )
+        self.codebook_revision = 0  # counts the codebook setter's writes and state loads, for caches of codes
+        self.register_load_state_dict_post_hook(_count_revision)
 
     def _build_projections(self, dim: int, codebook_input_dim: int, layernorm_after_project_in: bool) -> None:
         self.has_projections = codebook_input_dim != dim
@@ -284,6 +288,7 @@ class VectorQuantize(nn.Module):
             codes = codes.unsqueeze(0)
         with torch.no_grad():
             self._codebook.embed.copy_(codes)
+        self.codebook_revision += 1
 
     def effective_codes(self) -> Tensor:
         """The codes inputs are matched against: after an FVQ bridge and the affine reparameterisation.
@@ -724,3 +729,7 @@ class VectorQuantize(nn.Module):
         self._codebook.update_(rows, code_rows, valid)
 
     update_ema_indices = update_indices
+
+
+def _count_revision(module: VectorQuantize, incompatible_keys) -> None:
+    module.codebook_revision += 1
