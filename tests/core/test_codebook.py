@@ -188,6 +188,20 @@ def test_a_count_exactly_at_the_threshold_is_alive():
     assert_only_dead_codes_replaced(cb, before, flat, dead={1, 4}, threshold=1.0)
 
 
+def test_cosine_codebook_replaces_dead_codes_by_unit_rows():
+    """Codes of a cosine codebook live on the unit sphere: a dead code becomes a batch row's direction, even
+    when the caller passes rows that are not normalised."""
+    cb = Codebook(3, 4, threshold_ema_dead_code=1.0, use_cosine_sim=True)
+    cb.cluster_size.copy_(torch.tensor([[0.0, 5.0, 0.0, 5.0]]))
+    flat = 4 * torch.randn(1, 6, 3, generator=torch.Generator().manual_seed(7))
+    kept = cb.embed[0, [1, 3]].clone()
+    cb.expire_codes_(flat)
+    directions = torch.nn.functional.normalize(flat[0], dim=-1)
+    for k in (0, 2):
+        assert min((cb.embed[0, k] - row).abs().max() for row in directions) < 1e-6, k
+    assert torch.equal(cb.embed[0, [1, 3]], kept)
+
+
 def test_more_dead_codes_than_rows_uses_distinct_rows():
     cb = dead_code_codebook([0.0] * 8, threshold=2.0)
     before = {k: v.clone() for k, v in cb.state_dict().items()}

@@ -104,3 +104,13 @@ def test_sample_rows_distinct_when_enough_and_only_valid():
     # more requested than valid rows: every valid row is used, then they repeat
     picked = sample_rows(samples, valid, 9)[0, :, 0].tolist()
     assert set(picked) == {1.0, 2.0, 4.0, 5.0, 7.0, 8.0}
+
+
+def test_an_empty_cluster_keeps_its_mean():
+    """Every row is the same vector: every sampled mean is it, ties go to the first mean, so the others get no
+    row and must keep their mean (a zero sum over a clamped count of 1 would make them zero)."""
+    v = torch.tensor([1.5, -2.0, 0.5])
+    samples = v.expand(1, 5, 3).clone()
+    means, counts = kmeans(samples, 3, num_iters=2)
+    assert torch.equal(means, v.expand(1, 3, 3))
+    assert counts.tolist() == [[5.0, 0.0, 0.0]]

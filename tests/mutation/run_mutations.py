@@ -83,7 +83,7 @@ MUTATIONS = [
     Mutation("cosine_dead_code_rows_not_normalised",
              "rows = F.normalize(rows, dim=-1)",
              "rows = rows",
-             (VQ_DEAD_CODES,)),
+             ("tests/core/test_codebook.py", VQ_DEAD_CODES)),
     Mutation("lfq_softplus_offset",
              "F.softplus(entropy_loss + self.entropy_loss_offset)",
              "F.softplus(entropy_loss - self.entropy_loss_offset)",
