@@ -1,0 +1,191 @@
+"""Codebook health check: a training quantizer that keeps using few of its codes warns once, naming remedies.
+
+A codebook can collapse without any error: the loss goes down, the outputs are finite, and after a few hundred
+steps every token maps to a handful of codes. ``LFQ(codebook_size=1024, dim=10, entropy_loss_weight=0.02)`` in
+a small MNIST autoencoder does it (a few % of its codes on the test set, ``benchmarks/README.md``, "Codebook
+health"): without a bound on its input the encoder grows the latents until the entropy terms saturate. This
+module turns that into one :class:`CodebookCollapseWarning` that names the remedies measured for the family.
+
+How it works. A family's training forward calls :func:`observe` with its indices. The indices are counted on
+their device by a :class:`~vector_quantize_pytorch.usage.CodebookUsage` meter (one ``index_add_``, no host
+synchronisation). Every ``every`` training forwards the meter is read once (the only host synchronisation,
+amortised over ``every`` steps) and reset; from ``warmup`` forwards on, a window whose usage is under
+``threshold`` warns, once per module, and the module stops being checked. Usage is the share of codes used in
+the window relative to what the window could use, ``codes used / min(codebook_size, tokens counted)``, so
+small batches or huge vocabularies (LFQ with 2^32 codes) do not read as collapse.
+
+What is not checked: modules in eval mode, forwards traced by ``torch.compile`` or ``torch.export``
+(the check is plain Python state and is skipped there), and modules for which the check is off.
+
+Turning it off:
+
+- everywhere: ``set_health_check(False)`` (or the context manager ``health_check(False)``);
+- one module: ``configure(module, enabled=False)``, which also sets its threshold, warm-up and window;
+- the warning only: ``warnings.filterwarnings("ignore", category=CodebookCollapseWarning)``.
+
+Nothing is stored in the module: no parameter, buffer or ``state_dict`` key, and outputs, indices and losses
+are those of a module without the check. The per-module state lives in a weak dictionary keyed by the module.
+In distributed training every rank checks its own tokens (no collective in a forward).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_WARMUP = 200
+DEFAULT_EVERY = 100
+MAX_BINS = 2**16  # larger vocabularies are hashed into this many buckets (512 KiB of int64 counters)
+
+# Remedies measured with benchmarks/codebook_health.py (MNIST autoencoder, 2^8 - 2^12 codes), by family.
+REMEDIES: dict[str, str] = {
+    "LFQ": (
+        "spherical=True (BSQ), soft_clamp_input_value=1.0, or a normalization layer before the quantizer "
+        "(e.g. nn.GroupNorm(1, dim, affine=False)); without a bound the encoder grows its latents until the "
+        "entropy loss saturates"
+    ),
+    "SimVQ": "a normalization layer before the quantizer (e.g. nn.GroupNorm(1, dim, affine=False)), longer training",
+    "VectorQuantize": "kmeans_init=True and threshold_ema_dead_code=2 (dead-code expiry), rotation_trick=True",
+    "FSQ": "a normalization layer before the quantizer, fewer levels (FSQ cannot collapse: its input spans few cells)",
+    "LatentQuantize": "a normalization layer before the quantizer, commitment_loss_weight=0.0",
+}
+
+_enabled = True
+
+
+class CodebookCollapseWarning(UserWarning):
+    """A training quantizer used few of its codes for a whole window after the warm-up."""
+
+
+def set_health_check(enabled: bool) -> None:
+    """Turn the codebook health check on or off for every module (it is on by default)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def health_check_enabled() -> bool:
+    """Whether the codebook health check is on globally."""
+    return _enabled
+
+
+@contextmanager
+def health_check(enabled: bool) -> Iterator[None]:
+    """The health check on or off inside a ``with`` block; the previous setting afterwards."""
+    previous = _enabled
+    set_health_check(enabled)
+    try:
+        yield
+    finally:
+        set_health_check(previous)
+
+
+@dataclass
+class _State:
+    enabled: bool = True
+    threshold: float = DEFAULT_THRESHOLD
+    warmup: int = DEFAULT_WARMUP
+    every: int = DEFAULT_EVERY
+    steps: int = 0
+    done: bool = False  # warned, or turned off: never counts again
+    meter: object | None = field(default=None, repr=False)
+    size: int = 0
+    last_report: dict | None = None
+
+
+_states: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+
+
+def configure(
+    module: nn.Module,
+    *,
+    enabled: bool = True,
+    threshold: float = DEFAULT_THRESHOLD,
+    warmup: int = DEFAULT_WARMUP,
+    every: int = DEFAULT_EVERY,
+) -> None:
+    """Set the health check of one quantizer (restarts its count).
+
+    Args:
+        module: the quantizer (e.g. an ``LFQ``); composite quantizers check their layers, so configure those.
+        enabled: False turns the check off for this module.
+        threshold: warn when a window's usage (codes used / min(codebook size, tokens)) is below this.
+        warmup: training forwards before the first window may warn.
+        every: training forwards per window; the meter is read (one host synchronisation) once per window.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if warmup < 0 or every < 1:
+        raise ValueError(f"warmup must be >= 0 and every >= 1, got warmup={warmup}, every={every}")
+    _states[module] = _State(enabled=enabled, threshold=threshold, warmup=warmup, every=every, done=not enabled)
+
+
+def last_report(module: nn.Module) -> dict | None:
+    """The usage report of ``module``'s last finished window (a ``CodebookUsage.report`` dict plus
+    ``relative_usage`` and ``step``), or None before the first one."""
+    state = _states.get(module)
+    return None if state is None else state.last_report
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (
+        torch.compiler.is_compiling()
+        or (exporting is not None and exporting())
+        or torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+    )
+
+
+def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor | None = None) -> None:
+    """Count one training forward's ``indices`` (codebooks pooled) and warn once if the codebook has collapsed.
+
+    Called by the families' forwards; does nothing unless ``module.training``. ``-1`` (masked, dropped) indices
+    and tokens where ``mask`` is False are not counted. ``mask`` holds one value per token: its elements, in
+    order, are the leading entries of the indices (e.g. a ``(b * n,)`` mask for ``(b, n, codebooks)`` indices).
+    No host synchronisation except one read every ``every`` calls.
+    """
+    if not (_enabled and module.training) or _tracing():
+        return
+    state = _states.get(module)
+    if state is None:
+        state = _states[module] = _State()
+    if state.done:
+        return
+    if state.meter is None:
+        from ..usage import CodebookUsage  # the package's public meter; imported late (it imports core)
+
+        state.meter = CodebookUsage(int(codebook_size), max_bins=MAX_BINS, sync=False, device=indices.device)
+        state.size = int(codebook_size)
+    indices = indices.detach()
+    if mask is not None:
+        mask = mask.detach().reshape(-1, 1)
+        indices = indices.reshape(mask.shape[0], -1)
+    state.meter.update(indices, mask=mask)
+    state.steps += 1
+    if state.steps % state.every:
+        return
+    report = state.meter.report(reset=True)
+    used = report["usage"] * state.size
+    relative = used / max(1, min(state.size, report["tokens"]))
+    state.last_report = {**report, "relative_usage": relative, "step": state.steps}
+    if state.steps < state.warmup or report["tokens"] == 0 or relative >= state.threshold:
+        return
+    state.done, state.meter = True, None
+    family = type(module).__name__
+    remedies = REMEDIES.get(family)
+    warnings.warn(
+        f"{family} is using {used:.0f} of its {state.size} codes ({100 * relative:.1f}% of what the last "
+        f"{state.every} training forwards could use, up to step {state.steps}): the codebook has collapsed. "
+        + (f"Measured remedies: {remedies}. " if remedies else "")
+        + "See benchmarks/README.md, 'Codebook health'. Turn this check off with "
+        "vector_quantize_pytorch.core.health.set_health_check(False) or configure(module, enabled=False).",
+        CodebookCollapseWarning,
+        stacklevel=3,
+    )
