@@ -12,15 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from .core.estimators import straight_through
-from .core.layout import TokenLayout
+from .core.layout import parse_input
 from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, radix_basis
 from .core.validate import (
     check_bool,
     check_choice,
-    check_feature_size,
     check_float,
     check_indices,
-    check_input,
     check_int,
     check_int_sequence,
 )
@@ -318,15 +316,13 @@ class FSP(nn.Module):
         return torch.where(use_perturbed, perturbed, centres), accepted.float().mean()
 
     def forward(self, z: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
-        x = check_input("z", z, min_ndim=2)
-        layout = TokenLayout.of(x, channel_first=self.channel_first)
-        expected = "(b, dim, ...) channel-first" if layout.channel_first else "(..., dim)"
-        check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
+        parsed = parse_input(z, dim=self.dim, channel_first=self.channel_first, name="z")
+        x, layout = z, parsed.layout
         if eps is not None:
             check_float("eps", eps, minimum=0.0)
         eps = eps or torch.finfo(x.dtype).eps  # default: the input dtype's resolution
 
-        latents = self.project_in(layout.to_tokens(x))
+        latents = self.project_in(parsed.tokens)
         latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
         norm_loss, norm_info = self.vector_norm(latents.reshape(-1, self.codebook_dim))
 

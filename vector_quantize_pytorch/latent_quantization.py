@@ -16,16 +16,14 @@ from torch.optim import Optimizer
 
 from .core.autograd import CommitmentAndQuantizationLoss
 from .core.estimators import straight_through
-from .core.layout import TokenLayout
+from .core.layout import parse_input
 from .core.linear import project
 from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, radix_basis
 from .core.recompute import stateful_forward
 from .core.tensors import as_dtype
 from .core.validate import (
-    check_feature_size,
     check_float,
     check_indices,
-    check_input,
     check_int,
     check_int_sequence,
     check_optional_bool,
@@ -371,12 +369,8 @@ class LatentQuantize(nn.Module):
 
     @stateful_forward  # activation checkpointing (core/recompute.py): refuses an in-place optimizer
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = check_input("z", z, min_ndim=2)
-        layout = TokenLayout.of(x, channel_first=x.ndim >= 4)
-        expected = "(b, dim, ...) channel-first" if layout.channel_first else "(b, n, dim) or (b, dim)"
-        check_feature_size("z", x, 1 if layout.channel_first else -1, self.dim, expected)
-
-        tokens = layout.to_tokens(x)
+        parsed = parse_input(z, dim=self.dim, channel_first=None, name="z")
+        x, layout, tokens = z, parsed.layout, parsed.tokens
         # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
         token_rows = tokens.reshape(-1, self.dim)
         latents = project(self.project_in, token_rows)  # (tokens, num_codebooks * codebook_dim)

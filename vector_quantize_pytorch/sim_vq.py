@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core.autograd import QuantizeWithCommitment, rotation_trick_grad
-from .core.layout import TokenLayout, check_mask
+from .core.layout import parse_input
 from .core.search import nearest_codes
 from .core.tensors import as_dtype, as_float32
-from .core.validate import check_bool, check_feature_size, check_float, check_input, check_int
+from .core.validate import check_bool, check_float, check_int
 
 
 def identity(t: Tensor) -> Tensor:
@@ -164,11 +164,10 @@ class SimVQ(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``mask`` (our extension; ``(b, n)`` bool for ``(b, n, d)`` tokens, True = kept) leaves the masked-out
         tokens out of the commitment loss and its gradients; they are still quantized."""
-        layout = self._layout(x)
-        tokens = layout.to_tokens(x)
-        b, n, d = tokens.shape
-        token_rows = as_float32(tokens.reshape(b * n, d))
-        valid = None if mask is None else check_mask(mask, b, n).reshape(b * n)
+        parsed = parse_input(x, dim=self.dim, channel_first=self.channel_first, mask=mask)
+        layout, (b, n, d) = parsed.layout, parsed.tokens.shape
+        token_rows = as_float32(parsed.tokens.reshape(b * n, d))
+        valid = None if parsed.mask is None else parsed.mask.reshape(b * n)
 
         codebook = self.implicit_codebook()  # (K, d)
         # the search tracks no gradient: no detached copies needed
@@ -178,15 +177,6 @@ class SimVQ(nn.Module):
         out, loss = self._output_and_loss(token_rows, quantized, valid)
         out = layout.from_tokens(as_dtype(out.reshape(b, n, d), x.dtype))
         return out, layout.indices_from_tokens(indices.reshape(b, n)), loss
-
-    def _layout(self, x: Tensor) -> TokenLayout:
-        check_input("x", x)
-        layout = TokenLayout.of(x, channel_first=self.channel_first)
-        if layout.single_token or not self.channel_first:
-            check_feature_size("x", x, -1, self.dim, "(b, ..., dim)")
-        else:
-            check_feature_size("x", x, 1, self.dim, "(b, dim, ...)")
-        return layout
 
     def _output_and_loss(self, x: Tensor, quantized: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Output (forward value exactly ``q``; its gradient reaches the input only, by the rotation trick or
