@@ -18,7 +18,6 @@ Writes out/export_onnx/{autoencoder.pt, encoder.onnx, decoder.onnx}; ``--help`` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import warnings
@@ -38,14 +37,7 @@ from _common import (
 from autoencoder import CODEBOOK_SIZE, make_quantizer, quantize
 from torch import Tensor, nn
 
-from vector_quantize_pytorch import CPU_POLICY, use_chunk_policy
-
 EXAMPLE = Example("export_onnx", make_quantizer, quantize, codebook_size=CODEBOOK_SIZE)
-
-# The nearest-code search works in chunks of tokens; traced, it would keep the one-chunk branch of the example's
-# size behind a limit of search_scores // codebook_size tokens per call (4096 here). Traced under an unbounded
-# budget, the graph searches any number of tokens in one chunk (the results do not depend on the budget).
-EXPORT_POLICY = dataclasses.replace(CPU_POLICY, name="export", search_scores=2**62)
 
 
 class ImagesToCodes(nn.Module):
@@ -73,7 +65,7 @@ class CodesToImages(nn.Module):
 
 def export(module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str) -> None:
     """ONNX graph of ``module`` with a dynamic batch axis, written to ``path``."""
-    with warnings.catch_warnings(), use_chunk_policy(EXPORT_POLICY):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's exporter: a deprecated pytree check
         program = torch.onnx.export(
             module.eval(),

@@ -6,23 +6,15 @@ sequence (or spatial) axes, then checks that the exported program gives the eage
 on shapes it was not traced with. ONNX (``torch.onnx.export(..., dynamo=True)`` and ONNX Runtime) is tested in
 tests/test_export_onnx.py on the same cases.
 
-What does not export (each documented by a strict xfail below, with the reason):
-
-- every quantizer that searches a codebook (VectorQuantize and what holds one) exports with a hidden runtime guard
-  ``tokens <= search_scores // codebook_size`` (16,384 tokens for 64 codes on a CPU): ``nearest_codes`` chooses
-  between one chunk and a loop of chunks on the token count, and export keeps the branch of the traced shape.
-  Exporting under a chunk policy with an unbounded search budget (:data:`EXPORT_POLICY`) removes the limit;
-- RandomProjectionQuantizer with ``num_codebooks > 1``: its folded-scores cache reads ``Tensor.data_ptr()``;
-- HierarchicalVQ's forward: the same token guard bounds the batch (under :data:`EXPORT_POLICY` a
-  ``Dim.DYNAMIC`` batch exports), and ``upsample_to_full`` compares the spatial shape with each level's shape,
-  so the spatial axes cannot be dynamic. Its decoder exports.
+Every public quantizer exports: the search chunks only the codes while exporting (a program takes any number
+of tokens), RandomProjectionQuantizer folds its scores inside the traced program, and HierarchicalVQ always
+interpolates while exporting (its spatial axes stay dynamic).
 
 Tested with torch 2.13; skipped before torch 2.6 (untested there: older exporters trace differently).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,27 +28,6 @@ import vector_quantize_pytorch as vqp
 pytestmark = pytest.mark.skipif(torch.__version__ < "2.6", reason="the export tests are not run before torch 2.6")
 
 D = 16  # feature size of every case
-
-# export under this policy: one search chunk whatever the token count, so the graph has no limit on it
-EXPORT_POLICY = dataclasses.replace(vqp.CPU_POLICY, name="export", search_scores=2**62)
-
-SEARCH_GUARD = (
-    "core/search.py nearest_codes branches on the symbolic token count (`token_chunk >= num_tokens`, "
-    "`range(0, num_tokens, token_chunk)`): torch.export keeps the one-chunk branch of the traced shape behind a "
-    "runtime guard `tokens <= search_scores // codebook_size`"
-)
-RPQ_DATA_PTR = (
-    "random_projection_quantizer.py _folded_scores keys its cache on Tensor.data_ptr(), which fake tensors "
-    "do not have: 'Cannot access data pointer of Tensor'"
-)
-HVQ_BATCH_GUARD = (
-    "HierarchicalVQ: nearest_codes' token guard bounds the batch (16 * batch <= 16384 tokens at the 4x4 level), "
-    "which contradicts an unbounded Dim: 'Constraints violated (b)'"
-)
-HVQ_SPATIAL_GUARD = (
-    "hierarchical_vq.py upsample_to_full compares `tuple(q.shape[2:]) != tuple(full_shape)`: export guards the "
-    "spatial size against every level's shape (h != 2, h != 4): 'Constraints violated (h)'"
-)
 
 
 class Encode(nn.Module):
@@ -106,7 +77,7 @@ class Case:
     encode_kwargs: dict = field(default_factory=dict)
     decode_kwargs: dict = field(default_factory=dict)
     decode_input: Callable | None = None
-    searches: bool = False  # searches a codebook: the exported forward has the token guard (SEARCH_GUARD)
+    searches: bool = False  # searches a codebook (chunked over codes; the token count stays dynamic)
     slow: bool = False  # a variant of a class tested by default: run with `-m slow`
     forward_marks: tuple = ()
     decode_marks: tuple = ()
@@ -193,7 +164,6 @@ CASES = [
         lambda: vqp.RandomProjectionQuantizer(dim=D, codebook_dim=8, codebook_size=64, num_codebooks=2),
         decode=None,
         searches=True,
-        forward_marks=(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=RPQ_DATA_PTR),),
     ),
     Case("FSQ", lambda: vqp.FSQ(levels=[8, 5, 5], dim=D), decode="indices_to_codes"),
     Case(
@@ -260,7 +230,6 @@ CASES = [
         index_axes={0: "b"},
         decode_kwargs={"full_shape": (4, 4)},
         searches=True,
-        forward_marks=(pytest.mark.xfail(strict=True, reason=HVQ_BATCH_GUARD),),
     ),
 ]
 
@@ -355,20 +324,18 @@ def test_exported_decoder_equals_eager_on_untraced_shapes(case):
 MANY_TOKENS = (64, 300)
 
 
-def _search_params(xfail: bool):
+def _search_params():
     """The searching sequence cases; all but VectorQuantize are marked slow."""
     params = []
     for case in CASES:
         if not case.searches or case.forward_marks or case.shape(1, 1)[1] != 1:
             continue
-        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=SEARCH_GUARD)] if xfail else []
-        if case.name != "VectorQuantize":
-            marks.append(pytest.mark.slow)
+        marks = [] if case.name == "VectorQuantize" else [pytest.mark.slow]
         params.append(pytest.param(case, id=case.name, marks=marks))
     return params
 
 
-@pytest.mark.parametrize("case", _search_params(xfail=True))
+@pytest.mark.parametrize("case", _search_params())
 def test_exported_search_takes_more_tokens_than_one_chunk(case):
     module = case.module()
     program = export_forward(case, module)
@@ -376,41 +343,25 @@ def test_exported_search_takes_more_tokens_than_one_chunk(case):
     assert_same(exported(program, x), eager(Encode(module, **case.encode_kwargs), x), f"{case.name} on {MANY_TOKENS}")
 
 
-@pytest.mark.parametrize("case", _search_params(xfail=False))
-def test_export_under_an_unbounded_search_policy_takes_any_token_count(case):
-    """The workaround until the search exports without the guard: trace under EXPORT_POLICY (one chunk)."""
-    module = case.module()
-    with vqp.use_chunk_policy(EXPORT_POLICY):
-        program = export_forward(case, module)
-    encode = Encode(module, **case.encode_kwargs)
-    for seed, (b, n) in enumerate((MANY_TOKENS, (1, 1), (2, 17))):
-        x = case.inputs(b, n, seed=seed)
-        assert_same(exported(program, x), eager(encode, x), f"{case.name} forward on {tuple(x.shape)}")
-
-
 def _hierarchical_vq() -> nn.Module:
     return BY_NAME["HierarchicalVQ"].module()
 
 
 @pytest.mark.slow
-def test_hierarchical_vq_exports_a_dynamic_batch_under_an_unbounded_search_policy():
-    """Dim.DYNAMIC lets export take the range it infers (here up to 2**62 / 16 sequences)."""
+def test_hierarchical_vq_exports_an_unbounded_dynamic_batch():
     hvq = _hierarchical_vq()
     encode = Encode(hvq)
-    with vqp.use_chunk_policy(EXPORT_POLICY):
-        program = torch.export.export(encode, (torch.randn(3, D, 4, 4),), dynamic_shapes={"x": {0: Dim.DYNAMIC}})
+    program = torch.export.export(encode, (torch.randn(3, D, 4, 4),), dynamic_shapes={"x": {0: Dim.DYNAMIC}})
     for seed, b in enumerate((1, 2, 2000)):
         x = torch.randn((b, D, 4, 4), generator=torch.Generator().manual_seed(seed))
         assert_same(exported(program, x), eager(encode, x), f"HierarchicalVQ forward on {tuple(x.shape)}")
 
 
-@pytest.mark.xfail(strict=True, reason=HVQ_SPATIAL_GUARD)
 def test_hierarchical_vq_exports_dynamic_spatial_axes():
     hvq = _hierarchical_vq()
     encode = Encode(hvq)
     shapes = {0: Dim("b", min=1), 2: Dim("h", min=1), 3: Dim("w", min=1)}
-    with vqp.use_chunk_policy(EXPORT_POLICY):
-        program = torch.export.export(encode, (torch.randn(3, D, 8, 8),), dynamic_shapes={"x": shapes})
+    program = torch.export.export(encode, (torch.randn(3, D, 8, 8),), dynamic_shapes={"x": shapes})
     for seed, (b, h, w) in enumerate(((3, 8, 8), (2, 5, 7), (2, 2, 2), (1, 4, 4))):
         x = torch.randn((b, D, h, w), generator=torch.Generator().manual_seed(seed))
         assert_same(exported(program, x), eager(encode, x), f"HierarchicalVQ forward on {tuple(x.shape)}")

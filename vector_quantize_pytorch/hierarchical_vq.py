@@ -229,7 +229,7 @@ class HierarchicalVQ(nn.Module):
 
     def upsample_to_full(self, q: Tensor, full_shape: tuple[int, ...], level_index: int) -> Tensor:
         """Interpolate a level's codes ``(b, c, *level_shape)`` to ``full_shape`` and apply its ``phi``."""
-        if tuple(q.shape[2:]) != tuple(full_shape):
+        if torch.compiler.is_exporting() or tuple(q.shape[2:]) != tuple(full_shape):  # exported: any size
             q = F.interpolate(q, size=full_shape, mode=_INTERPOLATION[self.spatial_dims], align_corners=False)
         return self.choose_phi(level_index)(q)
 

@@ -206,6 +206,8 @@ class RandomProjectionQuantizer(nn.Module):
         (``.to()``, a dtype conversion, reassignment), after ``load_state_dict``, :meth:`sync_buffers_` and the
         ``vq.codebook`` setter. Other in-place writes to the projections or codes (they are frozen) are not
         seen: call :meth:`forget_folded_scores` after one."""
+        if torch.compiler.is_compiling():  # a traced program folds once per call; no addresses to read
+            return self._fold()
         linear = self.vq.project_in
         sources = tuple(t for t in (self.rand_projs, linear.weight, linear.bias, self.vq.codebook) if t is not None)
         revision = self.vq.codebook_revision

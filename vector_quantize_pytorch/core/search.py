@@ -159,13 +159,15 @@ def nearest_codes(
     policy = chunk_policy(x.device)
     bias = None if cosine else _score_bias(codes, code_sq_norms)
     budget = max(1, (max_scores or policy.search_scores) // c)
-    token_chunk, code_chunk = chunk_sizes(num_tokens, num_codes, budget)
+    exporting = torch.compiler.is_exporting()  # a program for any number of tokens: chunk the codes only
+    token_chunk, code_chunk = chunk_sizes(1 if exporting else num_tokens, num_codes, budget)
+    token_chunk = num_tokens if exporting else token_chunk
     if token_chunk >= num_tokens and code_chunk >= num_codes:  # one chunk: no buffer to reuse
         return first_max(_scores_into(None, x, codes, bias), policy.blocked_max)[1]
     buffer = torch.empty(c * token_chunk * code_chunk, device=x.device, dtype=x.dtype)
 
     out = []
-    for start in range(0, num_tokens, token_chunk):
+    for start in [0] if exporting else range(0, num_tokens, token_chunk):
         xs = x[:, start : start + token_chunk]
         if code_chunk >= num_codes:
             out.append(first_max(_scores_into(buffer, xs, codes, bias), policy.blocked_max)[1])
