@@ -259,12 +259,11 @@ class ResidualVQ(ResidualStack):
     # ------------------------------------------------------------------ forward
 
     def _tokens(self, x: Tensor, mask: Tensor | None):
-        check_input("x", x)
-        expected = 4 if self.accept_image_fmap else 3
-        if x.ndim != expected:
-            shape = "(b, dim, h, w)" if self.accept_image_fmap else "(b, n, dim)"
-            raise ValueError(f"x must have shape {shape} with dim = {self.dim}, got {tuple(x.shape)}")
-        return self._input_tokens(x, self.accept_image_fmap, mask)
+        fmap = self.accept_image_fmap
+        shapes = "(b, dim, h, w)" if fmap else "(b, n, dim)"
+        return self._input_tokens(
+            x, fmap, mask, ndim=4 if fmap else 3, shapes=shapes, layout_hint={4: "accept_image_fmap=True"}
+        )
 
     @stateful_forward  # activation checkpointing: the recompute replays this call's state (core/recompute.py)
     def forward(

@@ -118,6 +118,7 @@ def parse_input(
     dim: int,
     channel_first: bool | None,
     ndim: int | tuple[int, ...] | None = None,
+    min_ndim: int = 2,
     mask: Tensor | None = None,
     lens: Tensor | None = None,
     name: str = "x",
@@ -132,7 +133,8 @@ def parse_input(
         dim: the number of features a token must have.
         channel_first: features on axis 1 (for inputs of 3 or more dimensions); None: on axis 1 for images and
             video (4 or more dimensions) only.
-        ndim: the allowed number of dimensions (an int or a tuple); None: 2 or more.
+        ndim: the allowed number of dimensions (an int or a tuple); None: ``min_ndim`` or more.
+        min_ndim: the fewest dimensions allowed when ``ndim`` is None.
         mask: True for the tokens that count: ``(b, *spatial)``, ``(b, n)``, or ``(b,)`` for whole samples.
         lens: ``(b,)`` lengths of 1-d sequences (tokens at positions ``>= lens`` are masked out).
         name: the argument's name in error messages.
@@ -147,8 +149,8 @@ def parse_input(
     """
     check_input(name, x, min_ndim=0)
     allowed = (ndim,) if isinstance(ndim, int) else ndim
-    if (x.ndim not in allowed) if allowed else x.ndim < 2:
-        counts = " or ".join(map(str, allowed)) if allowed else "at least 2"
+    if (x.ndim not in allowed) if allowed else x.ndim < min_ndim:
+        counts = " or ".join(map(str, allowed)) if allowed else f"at least {min_ndim}"
         message = f"{name} must have {counts} dimensions, got shape {tuple(x.shape)}"
         if shapes is not None:
             message = f"{name} must have shape {shapes} with dim = {dim}, got {tuple(x.shape)}"

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .layout import TokenLayout, check_mask
+from .layout import TokenLayout, parse_input
 from .tensors import as_float32
-from .validate import check_bool, check_indices, check_input, check_int
+from .validate import check_bool, check_indices, check_int
 
 # layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
 # tokens and stacks ``(b, n)`` indices), with the values that leave them alone
@@ -246,19 +246,11 @@ class ResidualStack(nn.Module):
 
     # ------------------------------------------------------------------ input and output
 
-    def _input_tokens(self, x: Tensor, channel_first: bool | None, mask: Tensor | None = None):
-        """Check ``x`` (and ``mask``) and flatten it to tokens ``(b, n, dim)``: ``(layout, tokens, mask)``.
-        ``channel_first=None``: features on axis 1 for images and video (4 or more dimensions) only."""
-        check_input("x", x, min_ndim=3)
-        if channel_first is None:
-            channel_first = x.ndim >= 4
-        layout = TokenLayout.of(x, channel_first=channel_first)
-        tokens = layout.to_tokens(x)
-        if tokens.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features, got shape {tuple(x.shape)}")
-        if mask is not None:
-            mask = check_mask(layout.mask_to_tokens(mask), tokens.shape[0], tokens.shape[1])
-        return layout, tokens, mask
+    def _input_tokens(self, x: Tensor, channel_first: bool | None, mask: Tensor | None = None, **parse_kwargs):
+        """``(layout, tokens (b, n, dim), mask (b, n) or None)`` of ``x`` (:func:`~.layout.parse_input`; at least
+        3 dimensions). ``channel_first=None``: features on axis 1 for images and video (4 or more dimensions)."""
+        parsed = parse_input(x, dim=self.dim, channel_first=channel_first, mask=mask, min_ndim=3, **parse_kwargs)
+        return parsed.layout, parsed.tokens, parsed.mask
 
     def _forward_result(self, out, layout: TokenLayout, indices, losses=None, return_all_codes: bool = False):
         """``(out, indices[, losses][, all_codes])`` with the indices in the input's layout; losses are left
