@@ -96,11 +96,15 @@ class Autoencoder(nn.Module):
         self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, DIM, 4, stride=4))
         self.quantizer = make()
         self.decoder = nn.Sequential(nn.ConvTranspose2d(DIM, 4, 4, stride=4), nn.GELU(), nn.Conv2d(4, 1, 3, padding=1))
+        self.checkpointed = False  # activation checkpointing around the quantizer (core/recompute.py)
 
     def forward(self, images: Tensor):
         z = self.encoder(images)  # (b, DIM, 2, 2)
         tokens = z.flatten(2).transpose(1, 2)  # (b, 4, DIM)
-        quantized, indices, aux = self.call(self.quantizer, tokens)
+        if self.checkpointed:
+            quantized, indices, aux = vqp.checkpoint(self.call, self.quantizer, tokens)
+        else:
+            quantized, indices, aux = self.call(self.quantizer, tokens)
         reconstruction = self.decoder(quantized.transpose(1, 2).reshape(z.shape))
         return reconstruction, indices, aux
 
@@ -163,9 +167,12 @@ class Run:
     own_unit: bool = False
     bf16: bool = False
     sync_buffers: bool = True
+    checkpointed: bool = False
 
     @property
     def name(self) -> str:
+        if self.checkpointed:
+            return f"{self.family}-fsdp-own-unit-activation-checkpointing"
         if self.engine == "ddp":
             return f"{self.family}-ddp-{'sync' if self.sync_buffers else 'nosync'}-buffers"
         return f"{self.family}-fsdp-{'own' if self.own_unit else 'parent'}-unit-{'bf16' if self.bf16 else 'fp32'}"
@@ -175,6 +182,7 @@ RUNS = (
     [Run(f, "fsdp", own_unit=own) for f in FAMILIES for own in (False, True)]
     + [Run(f, "fsdp", own_unit=True, bf16=True) for f in FAMILIES]
     + [Run(f, "ddp", sync_buffers=s) for f in ("vq_ema_kmeans_dead", "residual_vq_dropout") for s in (True, False)]
+    + [Run(f, "fsdp", own_unit=True, checkpointed=True) for f in ("vq_ema_kmeans_dead", "residual_vq_dropout")]
 )
 CHECKPOINTED = ("vq_ema_kmeans_dead", "residual_vq_dropout")  # saved with DCP by 2 ranks, loaded into 1 and 3
 
@@ -189,6 +197,7 @@ def wrap(run: Run, model: nn.Module) -> nn.Module:
         return ddp(model, broadcast_buffers=run.sync_buffers)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    model.checkpointed = run.checkpointed
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if run.bf16 else MixedPrecisionPolicy()
     if run.own_unit:
         fully_shard(model.quantizer, mp_policy=policy)
