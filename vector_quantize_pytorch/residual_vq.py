@@ -16,7 +16,7 @@ from .core.linear import project
 from .core.recompute import stateful_forward
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import TokenConditionedCodes, gather_codes
-from .core.validate import check_bool, check_choice, check_float, check_indices, check_input, check_int
+from .core.validate import check_arguments, check_choice, check_float, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize
 
 
@@ -56,6 +56,28 @@ def _codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     if num_quantizers is None:
         raise ValueError("num_quantizers is required unless codebook_size is a tuple of per-layer sizes")
     return (codebook_size,) * check_int("num_quantizers", num_quantizers, minimum=1)
+
+
+def _check_arguments(args: dict) -> tuple[int, ...]:
+    """Check ResidualVQ's own arguments; returns the per-layer codebook sizes."""
+    check_arguments(args, int={"dim": 1}, optional_int={"codebook_dim": 1}, float={"quant_grad_frac": (0.0, 1.0)},
+                    bool=("shared_codebook", "diveq", "accept_image_fmap", "implicit_neural_codebook"))  # fmt: skip
+    if check_int("heads", args["heads"]) != 1:
+        raise ValueError(
+            f"heads must be 1 for ResidualVQ (use GroupedResidualVQ to split features), got {args['heads']}"
+        )
+    sizes = _codebook_sizes(args["codebook_size"], args["num_quantizers"])
+    mlp_kwargs = args["mlp_kwargs"]
+    if mlp_kwargs is not None and not isinstance(mlp_kwargs, Mapping):
+        raise TypeError(f"mlp_kwargs must be a dict of MLP arguments or None, got {mlp_kwargs!r}")
+    if args["shared_codebook"] and len(set(sizes)) != 1:
+        raise ValueError("shared_codebook=True requires the same codebook_size for every layer")
+    if args["implicit_neural_codebook"] and (args["beam_size"] or args["eval_beam_size"]):
+        raise ValueError("beam search is not supported with implicit_neural_codebook=True")
+    for ignored in ("accept_3d_fmap", "channel_last", "heads", "separate_codebook_per_head"):
+        if ignored in args["vq_kwargs"]:
+            raise ValueError(f"{ignored} is not supported by ResidualVQ layers")
+    return sizes
 
 
 class ResidualVQ(ResidualStack):
@@ -127,27 +149,11 @@ class ResidualVQ(ResidualStack):
         **vq_kwargs,
     ):
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        if check_int("heads", heads) != 1:
-            raise ValueError(f"heads must be 1 for ResidualVQ (use GroupedResidualVQ to split features), got {heads}")
-        sizes = _codebook_sizes(codebook_size, num_quantizers)
-        codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim, minimum=1)
-        for name, value in (("shared_codebook", shared_codebook), ("diveq", diveq), ("accept_image_fmap",
-                            accept_image_fmap), ("implicit_neural_codebook", implicit_neural_codebook)):  # fmt: skip
-            check_bool(name, value)
-        check_float("quant_grad_frac", quant_grad_frac, minimum=0.0, maximum=1.0)
+        sizes = _check_arguments(dict(locals()))
+        codebook_dim = dim if codebook_dim is None else codebook_dim
         self._init_dropout(quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
                            quantize_dropout_per_sample, num_quantizers=len(sizes))  # fmt: skip
-        if mlp_kwargs is not None and not isinstance(mlp_kwargs, Mapping):
-            raise TypeError(f"mlp_kwargs must be a dict of MLP arguments or None, got {mlp_kwargs!r}")
         self._check_beam(beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes))
-        if shared_codebook and len(set(sizes)) != 1:
-            raise ValueError("shared_codebook=True requires the same codebook_size for every layer")
-        if implicit_neural_codebook and (beam_size or eval_beam_size):
-            raise ValueError("beam search is not supported with implicit_neural_codebook=True")
-        for ignored in ("accept_3d_fmap", "channel_last", "heads", "separate_codebook_per_head"):
-            if ignored in vq_kwargs:
-                raise ValueError(f"{ignored} is not supported by ResidualVQ layers")
 
         self.dim = dim
         self.codebook_dim = codebook_dim
