@@ -69,6 +69,8 @@ class Example:
         num_codebooks: ``c`` above (1 when the indices have no codebook axis).
         dim: channels of the latent feature map.
         lr: default learning rate.
+        distribute: how to wrap the autoencoder when there are several processes (default: DDP,
+            :func:`wrap_data_parallel`); e.g. ``fully_shard`` for FSDP2 (``autoencoder.py --fsdp``).
     """
 
     name: str
@@ -78,6 +80,7 @@ class Example:
     num_codebooks: int = 1
     dim: int = 32
     lr: float = 2e-3
+    distribute: Callable[[nn.Module], nn.Module] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -419,7 +422,7 @@ def main(example: Example, argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {error}") from None
 
     model = Autoencoder(example.make_quantizer(example.dim), example.quantize, dim=example.dim).to(process.device)
-    trained = wrap_data_parallel(model) if process.world_size > 1 else model
+    trained = (example.distribute or wrap_data_parallel)(model) if process.world_size > 1 else model
 
     start = time.perf_counter()
     curves = train(trained, train_images, args, example, process)

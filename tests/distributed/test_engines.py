@@ -15,12 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.fsdp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engines  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not hasattr(torch.distributed.fsdp, "fully_shard"), reason="FSDP2 is public from torch 2.6 (fully_shard)"
+    ),
+]
 
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)  # the DDP tests' (test_distributed_training.py)
 # bf16 parameters against fp32 over 5 steps, relative to the largest value (see bf16_errors). Measured with 2 and
