@@ -14,6 +14,8 @@ import scenarios
 import torch
 
 WORLD_SIZES = [2, 3]
+# every scenario in one spawn of 2 gloo processes, and (slow: `pytest -m slow`) of 3
+SPAWNED_WORLD_SIZES = [2, pytest.param(3, marks=pytest.mark.slow)]
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
 
@@ -49,7 +51,7 @@ def compare(name: str, world_size: int, per_rank: list[dict]):
     return single_records
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", SPAWNED_WORLD_SIZES)
 @pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
 def test_ranks_train_as_one_process_on_the_concatenated_batch(name, world_size, distributed_results):
     compare(name, world_size, distributed_results(world_size))
