@@ -73,6 +73,7 @@ def test_search_chunks_prints_one_row_per_shape(tmp_path):
     assert len(rows) == 2 and all(len(row.split("|")) == 5 for row in rows)
 
 
+@pytest.mark.slow  # about a minute of CPU
 def test_scaling_reuses_reference_points_from_an_earlier_run(tmp_path):
     sizes = ["--min-log2-codes", "4", "--max-log2-codes", "5", "--min-log2-tokens", "4", "--max-log2-tokens", "5"]
     sizes += ["--repeats", "1", "--warmup", "0", "--png", str(tmp_path / "s.png")]
@@ -87,6 +88,7 @@ def test_scaling_reuses_reference_points_from_an_earlier_run(tmp_path):
     assert "| 2^4 |" in done.stdout and (tmp_path / "s.png").exists()
 
 
+@pytest.mark.slow  # ~15 s of CPU; tests/test_op_counts.py counts operators in the default run
 def test_op_counts_quick_run_counts_both_policies(tmp_path):
     out = tmp_path / "counts.json"
     done = _run_script("op_counts.py", "--quick", "--no-reference", "--only", "fsq_train", "--out", str(out),
@@ -101,6 +103,7 @@ def test_op_counts_quick_run_counts_both_policies(tmp_path):
         assert sum(result[key]["op_counts"].values()) == result[key]["op_total"]
 
 
+@pytest.mark.slow  # test_quick_run_prints_a_table_and_writes_json runs run.py in the default run
 def test_one_process_measures_memory_and_time_in_the_same_worker(tmp_path):
     out = tmp_path / "results.json"
     done = _run_script("run.py", "--quick", "--no-reference", "--one-process", "--rounds", "2", "--repeats", "2",

@@ -85,7 +85,15 @@ def small_run(script: str, tmp_path_factory) -> tuple[subprocess.CompletedProces
     return _RUNS[script]
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+# the VQ example and the multi-codebook one in the default run; the other five (the same loop with another
+# quantizer, which its own tests cover) with `pytest -m slow`
+FAST_SCRIPTS = {"autoencoder.py", "autoencoder_residual_vq.py"}
+
+
+SCRIPT_PARAMS = [pytest.param(s, marks=() if s in FAST_SCRIPTS else pytest.mark.slow) for s in SCRIPTS]
+
+
+@pytest.mark.parametrize("script", SCRIPT_PARAMS)
 def test_example_runs_and_writes_outputs(script, tmp_path_factory):
     require_quantizer(script)
     result, out = small_run(script, tmp_path_factory)
@@ -125,6 +133,7 @@ def test_same_seed_gives_same_numbers(tmp_path, tmp_path_factory):
     assert [first_metrics[k] for k in keys] == [second_metrics[k] for k in keys]
 
 
+@pytest.mark.slow  # multi-process; tests/distributed spawns 2 gloo processes in the default run
 def test_autoencoder_under_torchrun_with_two_processes(tmp_path):
     require_quantizer("autoencoder.py")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

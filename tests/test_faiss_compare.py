@@ -14,6 +14,7 @@ pytest.importorskip("faiss", reason="faiss is not installed (pip install faiss-c
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "faiss_compare.py"
 
 
+@pytest.mark.slow  # ~10 s of CPU
 def test_quick_run_reports_identical_codes(tmp_path):
     out, png = tmp_path / "results.json", tmp_path / "ratios.png"
     command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out), "--png", str(png)]
