@@ -21,6 +21,15 @@ import vector_quantize_pytorch as vqp
 BACKEND = "aot_eager"
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Each test compiles from scratch: recompilations of the quantizers' forwards left by earlier tests (in this
+    file or others run in the same process) would otherwise count against dynamo's recompile limit."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 def vq():
     return vqp.VectorQuantize(dim=8, codebook_size=16, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2)
 

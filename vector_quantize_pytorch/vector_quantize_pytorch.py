@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 from .core import estimators, losses
 from .core.codebook import Codebook, valid_rows
-from .core.inplace import average_gradients_, step_if_rows
-from .core.layout import HeadSplit, TokenInput, parse_input, token_mask
+from .core.layout import HeadSplit, TokenInput
 from .core.recompute import stateful_forward
 from .core.search import (
     TokenConditionedCodes,
@@ -23,11 +22,10 @@ from .core.search import (
     sample_codes,
     topk_codes,
 )
-from .core.tensors import as_dtype, as_float32, detached
-from .core.validate import check_indices
+from .core.tensors import as_dtype, detached
+from .vector_quantize_codes import VectorQuantizeCodes
 from .vector_quantize_options import (
     CODEBOOK_OPTIONS,
-    SHAPES,
     STORED_OPTIONS,
     check_forward_indices,
     check_topk,
@@ -39,7 +37,7 @@ from .vector_quantize_options import (
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
 
-class VectorQuantize(nn.Module):
+class VectorQuantize(VectorQuantizeCodes):
     """Vector quantization layer (van den Oord et al. 2017, "Neural Discrete Representation Learning").
 
     Each input vector is replaced by its nearest code in a codebook. By default the codebook is learned by
@@ -53,33 +51,52 @@ class VectorQuantize(nn.Module):
     The nearest-code search never materialises the tokens x codes distance matrix beyond a fixed budget,
     and EMA statistics are accumulated by index, so memory stays flat in the codebook size.
 
-    Distributed training: under ``torch.distributed`` (checked at every call, so the module may be built
-    before ``init_process_group``) a training step on ``N`` ranks updates every rank's codebook as one
-    process would on the concatenated batch: the first step broadcasts rank 0's codebook, the EMA counts
-    and sums are all-reduced, k-means initialisation (``sync_kmeans``) and dead-code replacement choose
-    their rows among every rank's rows with a seed shared by the ranks. Collectives are made on every
-    training step of every rank, whether or not its batch has a valid token, so every rank must run the
-    same training forwards; eval forwards make none. ``sync_codebook=False`` keeps each rank's codebook
-    to itself. A learnable codebook is an ``nn.Parameter`` trained through DistributedDataParallel as usual.
+    Distributed training (decided at every call): a training step on ``N`` ranks updates every rank's codebook as
+    one process would on the concatenated batch (rank 0's codebook broadcast first, EMA statistics all-reduced,
+    k-means and dead-code rows chosen among every rank's rows with a shared seed). Every rank must run the same
+    training forwards; eval forwards make no collective.
 
     Args:
         dim: input feature size.
         codebook_size: number of codes ``K``.
-        codebook_dim: code size per head (default ``dim // heads``... as the reference: ``dim``); a Linear
-            projection in and out is added when ``codebook_dim * heads != dim``.
+        codebook_dim: code size per head (default ``dim``); Linear projections in and out are added when
+            ``codebook_dim * heads != dim``.
         heads: split each vector into ``heads`` chunks, each quantized.
-        separate_codebook_per_head: one codebook per head instead of one shared.
-        decay, eps: EMA decay and Laplace smoothing.
-        kmeans_init, kmeans_iters, sync_kmeans: k-means initialisation on the first training batch.
-        threshold_ema_dead_code: replace codes whose EMA count drops below this by batch vectors.
-        use_cosine_sim: l2-normalise inputs and codes.
+        separate_codebook_per_head: one codebook per head instead of one shared by the heads.
+        decay, eps: EMA decay of the statistics, in ``[0, 1]``, and their Laplace smoothing.
+        freeze_codebook: never change the codebook (forward's ``freeze_codebook`` overrides it per call).
+        kmeans_init, kmeans_iters, sync_kmeans: k-means initialisation (``kmeans_iters`` Lloyd steps, 0: sampled
+            rows) on the first training batch, over every rank's rows when ``sync_kmeans``.
+        use_cosine_sim: l2-normalise inputs and codes (cosine similarity).
+        layernorm_after_project_in: a LayerNorm after ``project_in``.
+        threshold_ema_dead_code: codes whose EMA count falls below this are replaced by batch vectors (0: off).
         channel_last / accept_image_fmap / accept_3d_fmap: input layout (see Shape).
         commitment_weight: weight of the commitment loss ``|x - sg(q)|^2``.
-        rotation_trick / straight_through / directional_reparam: gradient estimator (rotation trick by
-            default when ``dim > 1``; ``straight_through`` is Gumbel-softmax straight-through).
+        commitment_use_cross_entropy_loss: the commitment term is the cross-entropy of the distance logits.
+        orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes: orthogonality
+            regulariser of the codes (Shin et al. 2021): its weight, only the codes used in the batch, a random
+            subset of at most this many codes.
+        codebook_diversity_loss_weight, codebook_diversity_temperature: weight and temperature of a loss that
+            maximises the entropy of the batch's mean code distribution.
+        stochastic_sample_codes, sample_codebook_temp: in training, sample codes from the softmax of the
+            distance logits at this temperature (Gumbel) instead of taking the nearest.
+        rotation_trick / straight_through / directional_reparam: gradient estimator (rotation trick by default
+            when ``dim > 1``; ``straight_through`` is Gumbel-softmax straight-through; ``directional_reparam`` is
+            DiVeQ, with noise variance ``directional_reparam_variance``).
         sync_codebook: all-reduce the codebook statistics across ranks (None: whenever distributed).
         sync_affine_param: all-reduce the batch moments of ``affine_param`` across ranks.
-        See REFERENCE.md for the remaining arguments; every one of the reference's is accepted.
+        ema_update, manual_ema_update: update the codes from the EMA statistics (default: unless the codebook is
+            learned), or accumulate them and let the caller apply them with ``update_ema``.
+        learnable_codebook: the codes are an ``nn.Parameter`` trained by gradients (default: with a bridge or DiVeQ).
+        vq_bridge: a module applied to the codes before the search (FVQ's bridge); needs a learnable codebook.
+        in_place_codebook_optimizer, manual_in_place_optimizer_update: ``params -> Optimizer`` stepped inside
+            forward on the commitment loss (vqtorch's alternating update), or by the caller through
+            :meth:`update_in_place_optimizer`.
+        affine_param, affine_param_batch_decay, affine_param_codebook_decay: vqtorch's affine reparameterisation
+            (codes moved to the batch's running moments) and the EMA decays of those moments.
+        sync_update_v: vqtorch's synchronized update of a learnable codebook, in ``[0, 1]``.
+        return_zeros_for_masked_padding: masked positions output zeros (else their input).
+        route_gradients_to_input: gradients reach the input through the estimator (else only the codes learn).
 
     Shape:
         - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(b, n)`` (``(b, n, heads)``), loss ``()``
@@ -103,52 +120,24 @@ class VectorQuantize(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        codebook_size: int,
-        codebook_dim: int | None = None,
-        heads: int = 1,
-        separate_codebook_per_head: bool = False,
-        decay: float = 0.8,
-        eps: float = 1e-5,
-        freeze_codebook: bool = False,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        sync_kmeans: bool = True,
-        use_cosine_sim: bool = False,
-        layernorm_after_project_in: bool = False,
-        threshold_ema_dead_code: float = 0,
-        channel_last: bool = True,
-        accept_image_fmap: bool = False,
-        accept_3d_fmap: bool = False,
-        commitment_weight: float = 1.0,
-        commitment_use_cross_entropy_loss: bool = False,
-        orthogonal_reg_weight: float = 0.0,
-        orthogonal_reg_active_codes_only: bool = False,
-        orthogonal_reg_max_codes: int | None = None,
-        codebook_diversity_loss_weight: float = 0.0,
-        codebook_diversity_temperature: float = 100.0,
-        stochastic_sample_codes: bool = False,
-        sample_codebook_temp: float = 1.0,
-        straight_through: bool = False,
-        rotation_trick: bool | None = None,
-        directional_reparam: bool = False,
-        directional_reparam_variance: float = 5e-3,
-        sync_codebook: bool | None = None,
-        sync_affine_param: bool = False,
-        ema_update: bool | None = None,
-        vq_bridge: nn.Module | None = None,
-        manual_ema_update: bool = False,
+        self, dim: int, codebook_size: int, codebook_dim: int | None = None, heads: int = 1,
+        separate_codebook_per_head: bool = False, decay: float = 0.8, eps: float = 1e-5, freeze_codebook: bool = False,
+        kmeans_init: bool = False, kmeans_iters: int = 10, sync_kmeans: bool = True, use_cosine_sim: bool = False,
+        layernorm_after_project_in: bool = False, threshold_ema_dead_code: float = 0, channel_last: bool = True,
+        accept_image_fmap: bool = False, accept_3d_fmap: bool = False, commitment_weight: float = 1.0,
+        commitment_use_cross_entropy_loss: bool = False, orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False, orthogonal_reg_max_codes: int | None = None,
+        codebook_diversity_loss_weight: float = 0.0, codebook_diversity_temperature: float = 100.0,
+        stochastic_sample_codes: bool = False, sample_codebook_temp: float = 1.0, straight_through: bool = False,
+        rotation_trick: bool | None = None, directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3, sync_codebook: bool | None = None, sync_affine_param: bool = False,
+        ema_update: bool | None = None, vq_bridge: nn.Module | None = None, manual_ema_update: bool = False,
         learnable_codebook: bool | None = None,
         in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        manual_in_place_optimizer_update: bool = False,
-        affine_param: bool = False,
-        affine_param_batch_decay: float = 0.99,
-        affine_param_codebook_decay: float = 0.9,
-        sync_update_v: float = 0.0,
-        return_zeros_for_masked_padding: bool = True,
-        route_gradients_to_input: bool = True,
-    ):
+        manual_in_place_optimizer_update: bool = False, affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99, affine_param_codebook_decay: float = 0.9, sync_update_v: float = 0.0,
+        return_zeros_for_masked_padding: bool = True, route_gradients_to_input: bool = True,
+    ):  # fmt: skip
         super().__init__()
         args = dict(locals())
         validate(args)
@@ -190,96 +179,6 @@ class VectorQuantize(nn.Module):
         if layernorm_after_project_in:
             project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_input_dim))
         self.project_in, self.project_out = project_in, nn.Linear(codebook_input_dim, dim)
-
-    # ------------------------------------------------------------------ public state
-
-    @property
-    def ema_update(self) -> bool:
-        return self._codebook.ema_update
-
-    @property
-    def num_codebooks(self) -> int:
-        return self._codebook.num_codebooks
-
-    @property
-    def codebook(self) -> Tensor:
-        """The codes: ``(K, d)``, or ``(heads, K, d)`` with separate codebooks per head."""
-        embed = self._codebook.embed
-        return embed if self.separate_codebook_per_head else embed[0]
-
-    @codebook.setter
-    def codebook(self, codes: Tensor) -> None:
-        if not self.separate_codebook_per_head:
-            codes = codes.unsqueeze(0)
-        with torch.no_grad():
-            self._codebook.embed.copy_(codes)
-        self.codebook_revision += 1
-
-    def effective_codes(self) -> Tensor:
-        """The codes inputs are matched against: after an FVQ bridge and the affine reparameterisation.
-
-        Shape:
-            - output: ``(num_codebooks, K, codebook_dim)`` float32
-        """
-        cb = self._codebook
-        codes = as_float32(cb.embed if self.learnable_codebook else detached(cb.embed))
-        if self.vq_bridge is not None:
-            codes = self.vq_bridge(codes)
-        if cb.affine_param:
-            codes = cb.affine_codes(codes)
-        return codes
-
-    # ------------------------------------------------------------------ for containers (ResidualVQ)
-
-    def share_codebook(self, other: VectorQuantize) -> None:
-        """Use ``other``'s codebook (its codes and statistics) from now on, as RQ-VAE's shared codebook does."""
-        self._codebook = other._codebook
-
-    def needs_kmeans_init(self) -> bool:
-        """Whether the next training step k-means-initialises the codebook (its codes are zeros until then)."""
-        return self._codebook.needs_kmeans_init()
-
-    def to_codebook_space(self, tokens: Tensor) -> Tensor:
-        """Tokens as the rows the codebooks match: projected in, split into heads, l2-normalised for cosine.
-
-        Shape:
-            - tokens: ``(b, n, dim)``
-            - output: ``(c, N, codebook_dim)`` float32 (:class:`~vector_quantize_pytorch.core.layout.HeadSplit`)
-        """
-        rows = as_float32(self.head_split.split(self.project_in(tokens)))
-        return F.normalize(rows, dim=-1) if self.use_cosine_sim else rows
-
-    @torch.no_grad()
-    def maintain_codebook_(self, rows: Tensor, valid: Tensor, *, apply_ema: bool) -> None:
-        """A codebook maintenance pass over given rows: apply the accumulated EMA step (``apply_ema``), step
-        the in-place optimiser when a rank had a valid row, and replace dead codes by valid rows.
-
-        Shape:
-            - rows: ``(c, N, codebook_dim)`` (:meth:`to_codebook_space`), valid: ``(c, N)`` bool
-        """
-        if apply_ema:
-            self._codebook.update_ema()
-        self.update_in_place_optimizer_if_rows(valid.sum())
-        self._codebook.expire_codes_(rows, valid)
-
-    # ------------------------------------------------------------------ input
-
-    def _parse(self, x: Tensor, mask=None, lens=None) -> TokenInput:
-        fmap = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
-        return parse_input(
-            x,
-            dim=self.dim,
-            channel_first=fmap is not None or not self.channel_last,
-            ndim=fmap or (2, 3),
-            mask=mask,
-            lens=lens,
-            layout_hint={3: "channel_last=False", 4: "accept_image_fmap=True", 5: "accept_3d_fmap=True"},
-            shapes=SHAPES[fmap]
-            if fmap
-            else "(b, n, dim) or (b, dim)"
-            if self.channel_last
-            else "(b, dim, n) or (b, dim)",
-        )
 
     # ------------------------------------------------------------------ search
 
@@ -525,97 +424,6 @@ class VectorQuantize(nn.Module):
         ce = losses.cross_entropy_to_codes(distance_logits(flat, codes, cosine=self.use_cosine_sim), target)
         q = self.head_split.merge(out, parsed.batch, parsed.num_tokens).flatten(2).to(dtype)
         return parsed.layout.from_tokens(q), ce
-
-    def _indices_to_rows(self, indices: Tensor, parsed: TokenInput) -> Tensor:
-        """User indices ``(b, ...)`` / ``(b, ..., h)`` -> ``(c, N)`` rows of the head split."""
-        return self.head_split.rows_of(indices.reshape(parsed.batch, parsed.num_tokens, self.heads).long())
-
-    # ------------------------------------------------------------------ decode and maintenance
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codes in codebook space for indices as forward returns them; index -1 gives a zero code.
-
-        Shape:
-            - indices: ``(b, ...)`` or ``(b, ..., heads)``
-            - output: ``(b, ..., heads * codebook_dim)``, channel-first (``(b, d, ...)``) when the
-              quantizer takes channel-first inputs
-        """
-        return self._channel_first(self._codes_channel_last(indices))
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """What forward outputs for these indices (eval mode): codes projected out, in the input layout.
-
-        Shape:
-            - indices: ``(b, ...)`` or ``(b, ..., heads)``
-            - output: ``(b, ..., dim)`` (channel-first for channel-first quantizers)
-        """
-        out = self._project_out(self._codes_channel_last(indices))
-        if self.return_zeros_for_masked_padding:
-            missing = (indices < 0).all(dim=-1) if self.heads > 1 else indices < 0
-            out = out.masked_fill(missing.unsqueeze(-1), 0.0)
-        return self._channel_first(out)
-
-    def _project_out(self, t: Tensor) -> Tensor:
-        """``project_out`` on ``(..., heads * codebook_dim)`` as one ``(M, heads * codebook_dim)`` matrix, so that
-        forward and decoding run the same kernel on the same rows whatever the layout (bit-identical outputs)."""
-        if not self.has_projections:
-            return t
-        return self.project_out(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], self.dim)
-
-    def _codes_channel_last(self, indices: Tensor) -> Tensor:
-        check_indices("indices", indices, min_ndim=1 if self.heads > 1 else 0)
-        if self.heads > 1 and indices.shape[-1] != self.heads:
-            raise ValueError(f"indices must end with a heads axis of size {self.heads}, got {tuple(indices.shape)}")
-        lead = indices.shape[:-1] if self.heads > 1 else indices.shape
-        num_vectors = indices.numel() // self.heads
-        rows = self.head_split.rows_of(indices.reshape(1, num_vectors, self.heads).long())
-        picked = gather_codes(self.effective_codes(), rows.clamp(min=0))
-        picked = torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
-        return self.head_split.merge(picked, 1, num_vectors).reshape(*lead, self.heads * self.codebook_dim)
-
-    def _channel_first(self, t: Tensor) -> Tensor:
-        if (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last) and t.ndim >= 3:
-            return t.movedim(-1, 1)
-        return t
-
-    def update_in_place_optimizer(self) -> None:
-        """Step the in-place codebook optimiser (gradients averaged over ranks when distributed)."""
-        if self.in_place_codebook_optimizer is None:
-            return
-        average_gradients_(self._codebook.parameters(), self._codebook.sync_codebook)
-        self.in_place_codebook_optimizer.step()
-        self.in_place_codebook_optimizer.zero_grad()
-
-    def update_in_place_optimizer_if_rows(self, num_valid_rows: Tensor) -> None:
-        """:meth:`update_in_place_optimizer`, then the codes it moved are restored when no rank had a valid row
-        (``num_valid_rows`` summed over ranks is 0), so that an optimiser with momentum or weight decay cannot
-        move them on a batch with nothing to learn from. No host synchronisation."""
-        if self.in_place_codebook_optimizer is not None:
-            params = list(self._codebook.parameters())
-            step_if_rows(self.in_place_codebook_optimizer, params, num_valid_rows, sync=self._codebook.sync_codebook)
-
-    @torch.no_grad()
-    def expire_codes_(self, x: Tensor) -> None:
-        """Replace dead codes by vectors of ``x`` (given in the input layout)."""
-        rows = self.to_codebook_space(self._parse(x).tokens)
-        self._codebook.expire_codes_(rows, valid_rows(rows, None))
-
-    @torch.no_grad()
-    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
-        """Update the codebook statistics with given indices (e.g. chosen by a beam search).
-
-        Shape:
-            - x: as forward's input; indices: as forward returns them; mask: ``(b, n)``
-        """
-        parsed = self._parse(x)
-        check_forward_indices(self, "indices", indices, parsed.layout, parsed.batch)
-        rows = self.to_codebook_space(parsed.tokens)
-        code_rows = self._indices_to_rows(indices, parsed)
-        mask = token_mask(mask, None, parsed.layout, parsed.batch)
-        valid = valid_rows(rows, None if mask is None else self.head_split.rows_of(mask)) & (code_rows >= 0)
-        self._codebook.update_(rows, code_rows, valid)
-
-    update_ema_indices = update_indices
 
 
 def _count_revision(module: VectorQuantize, incompatible_keys) -> None:
