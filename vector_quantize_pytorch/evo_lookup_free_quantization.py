@@ -25,6 +25,18 @@ class EvoLFQ(nn.Module):
     reported never has a lower fitness than the encoder's bits: the fittest individual of every generation
     survives unchanged and the best is tracked with its own fitness.
 
+    Args:
+        encoder, decoder: modules around the quantizer.
+        lfq: the quantizer (default: an :class:`LFQ` built from ``dim``, ``codebook_size``, ``num_codebooks`` and
+            ``**lfq_kwargs``).
+        dim, codebook_size, num_codebooks: the LFQ's sizes when ``lfq`` is not given.
+        pop_size: individuals per generation.
+        mutation_rate: probability of flipping each bit of a child, in ``[0, 1]``.
+        tournament_size: individuals compared to pick each parent.
+        elitism_count: fittest individuals copied unchanged into the next generation.
+        generations: generations of one :meth:`evolve`.
+        **lfq_kwargs: passed to the LFQ built here.
+
     Shape:
         - forward: ``x`` -> (reconstructed, indices, entropy_aux_loss) as the LFQ and decoder give them
 

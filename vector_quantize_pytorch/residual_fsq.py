@@ -43,7 +43,8 @@ class ResidualFSQ(ResidualStack):
         num_quantizers: depth ``q``.
         dim: input feature size (default ``len(levels)``); Linear projections when different.
         is_channel_first: inputs are ``(b, d, ...)``.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as ResidualVQ.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+            quantize_dropout_per_sample: as ResidualVQ.
         soft_clamp_input_value: tanh soft clamp before the layers (with ``bound_hard_clamp`` it is
             ``1 + 1/(L - 1)`` per dimension).
         bound_hard_clamp: the layers clamp instead of tanh-bound.

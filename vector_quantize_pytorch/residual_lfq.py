@@ -20,7 +20,8 @@ class ResidualLFQ(ResidualStack):
         dim: input feature size; Linear projections to ``log2(codebook_size)`` when different.
         num_quantizers: depth ``q``.
         codebook_size: codes per layer (a power of 2).
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as ResidualVQ.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+            quantize_dropout_per_sample: as ResidualVQ.
         soft_clamp_input_value: tanh soft clamp of the first layer, halved at every later layer.
         **lfq_kwargs: passed to every LFQ layer (entropy_loss_weight, commitment_loss_weight, ...).
 
@@ -116,6 +117,12 @@ class ResidualLFQ(ResidualStack):
 
 class GroupedResidualLFQ(GroupedStacks):
     """Features split into ``groups`` chunks, each quantized by its own :class:`ResidualLFQ`.
+
+    Args:
+        dim: input feature size (a multiple of ``groups``).
+        groups: number of feature chunks.
+        accept_image_fmap: inputs are ``(b, c, h, w)``.
+        **kwargs: passed to every group's :class:`ResidualLFQ`.
 
     Shape:
         - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(groups, b, n, q)``, losses ``(groups, q)``

@@ -19,7 +19,8 @@ class ResidualSimVQ(ResidualStack):
         num_quantizers: depth ``q``.
         codebook_size: codes per layer.
         heads: must be 1.
-        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of: as ResidualVQ.
+        quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of,
+            quantize_dropout_per_sample: as ResidualVQ.
         channel_first: inputs are ``(b, dim, ...)``.
         rotation_trick: gradient estimator of the layers.
         **sim_vq_kwargs: passed to every SimVQ layer.

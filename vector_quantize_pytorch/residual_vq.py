@@ -97,6 +97,8 @@ class ResidualVQ(ResidualStack):
             number of layers (one cutoff per batch, the same on every rank). ``quantize_dropout_per_sample``
             (ours) draws a cutoff per sample, as DAC does.
         accept_image_fmap: inputs are ``(b, c, h, w)``.
+        heads: must be 1 (accepted for compatibility; GroupedResidualVQ splits features).
+        return_zeros_for_masked_padding: masked positions output zeros (else their input).
         implicit_neural_codebook, mlp_kwargs: QINCo codebooks for layers after the first.
         beam_score: how a beam ranks partial paths: ``"final"`` (ours, the default unless per-layer weights
             are given) by the squared error of the reconstruction so far, as faiss does; ``"sum"`` (the
@@ -399,6 +401,12 @@ class ResidualVQ(ResidualStack):
 class GroupedResidualVQ(GroupedStacks):
     """Grouped residual VQ (Yang et al. 2023, HiFi-Codec): the features are split into ``groups`` chunks,
     each quantized by its own :class:`ResidualVQ`.
+
+    Args:
+        dim: input feature size (a multiple of ``groups``).
+        groups: number of feature chunks.
+        accept_image_fmap: inputs are ``(b, c, h, w)``.
+        **kwargs: passed to every group's :class:`ResidualVQ`.
 
     Shape:
         - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(groups, b, n, q)``, losses ``(groups, q)``
