@@ -112,7 +112,7 @@ class FSQ(nn.Module):
 
     The index of a code is the mixed-radix number of its per-dimension level indices with radices
     ``levels`` (``index = sum_i d_i * prod_{j<i} L_j``), computed exactly in integers; indices are int32
-    when ``prod(levels) <= 2**31`` (as in the reference) and int64 beyond, up to ``2**63``. The codebook is
+    when ``prod(levels) <= 2**31`` and int64 beyond, up to ``2**63``. The codebook is
     never enumerated: ``implicit_codebook`` is built only when read.
 
     Quantization runs in float32 with autocast disabled (unless ``force_quantization_f32=False``), so the
@@ -128,7 +128,7 @@ class FSQ(nn.Module):
         num_codebooks: groups the projected features are split into, each quantized with ``levels``.
         keep_num_codebooks_dim: keep a trailing codebook axis on the indices. Default: ``num_codebooks > 1``
             (must be True then).
-        scale: accepted for compatibility with the reference and unused (as there).
+        scale: accepted for compatibility and unused.
         allowed_dtypes: input dtypes quantized as they are; others are upcast to float32.
         channel_first: input is ``(b, d, ...)``; inputs with 4 or more dimensions are always channel-first.
         projection_has_bias: bias of the projections.
@@ -224,7 +224,7 @@ class FSQ(nn.Module):
 
     @property
     def index_dtype(self) -> torch.dtype:
-        """int32 when ``codebook_size <= 2**31`` (the reference's dtype), else int64."""
+        """int32 when ``codebook_size <= 2**31``, else int64 (an int32 could not number the codes)."""
         return index_dtype_for(self.codebook_size)
 
     @property

@@ -205,7 +205,7 @@ class HierarchicalVQ(nn.Module):
             return self.phi_shared
         count = len(self.phi_levels)
         position = level_index / max(self.num_levels - 1, 1)
-        return self.phi_levels[round(position * (count - 1))]  # Python's round, as the reference
+        return self.phi_levels[round(position * (count - 1))]  # Python's round (half to even)
 
     def pool_residual(self, residual: Tensor, level_shape: tuple[int, ...], mask: Tensor | None = None):
         """Average-pool ``(b, c, *spatial)`` to the level's shape, over valid positions only when masked.

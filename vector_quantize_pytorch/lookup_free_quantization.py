@@ -141,9 +141,8 @@ class LFQ(nn.Module):
     ``EXACT_CODE_ENTROPY_MAX_BITS`` bits, streamed over chunks of codes and tokens (peak memory flat in
     ``K``, time growing as ``tokens x 2^K``); beyond,
     it is the BSQ grouped estimate, an upper bound of the exact value (subadditivity of entropy), so
-    ``codebook_size=2**32`` trains. Entropies are exact ``-sum p log p``; the reference clamps ``p`` to
-    ``1e-5`` inside the log, which undercounts rare codes (the values agree when every code has
-    probability above ``1e-5``). Masked-out tokens change neither entropy nor commitment;
+    ``codebook_size=2**32`` trains. Entropies are exact ``-sum p log p`` (no clamp inside the log, so rare
+    codes count at their true weight). Masked-out tokens change neither entropy nor commitment;
     ``frac_per_sample_entropy < 1`` averages ``H_sample`` over a random subset of tokens while ``H_batch``
     always uses every token. In eval mode the loss is a 0-dim zero.
 
@@ -286,7 +285,7 @@ class LFQ(nn.Module):
     @property
     def codebook(self) -> Tensor:
         """Every code ``(codebook_size, codebook_dim)``, values ``+-codebook_scale``, in index order (built on
-        each read; not l2-normalised, as the reference's buffer)."""
+        each read; not l2-normalised, even with ``spherical``: the raw code values)."""
         if self.codebook_size > CODEBOOK_MAX_CODES:
             raise RuntimeError(
                 f"codebook would enumerate {self.codebook_size} codes (limit {CODEBOOK_MAX_CODES}); "

@@ -36,7 +36,7 @@ def _check_soft_clamp(value, codebook_dim: int) -> Tensor:
 
 class ResidualFSQ(ResidualStack):
     """Residual FSQ: each layer is an FSQ (symmetry-preserving) applied to the residual scaled up by
-    ``levels^i``, so that later layers resolve finer and finer grids (the reference's "improvised" design).
+    ``levels^i``, so that later layers resolve finer and finer grids.
 
     Args:
         levels: FSQ levels per code dimension.
@@ -52,8 +52,8 @@ class ResidualFSQ(ResidualStack):
 
     Shape:
         - input ``(b, n, dim)`` -> quantized ``(b, n, dim)``, indices ``(b, n, q)`` int32
-        - ``is_channel_first``: ``(b, dim, ...)`` -> ``(b, dim, ...)``, indices ``(b, ..., q)`` (the reference
-          moves the q axis to position 1, which its own decoder cannot read; we keep it last)
+        - ``is_channel_first``: ``(b, dim, ...)`` -> ``(b, dim, ...)``, indices ``(b, ..., q)`` (the layer axis
+          last, as the decoder reads it)
 
     Example::
 
@@ -63,7 +63,7 @@ class ResidualFSQ(ResidualStack):
         torch.Size([1, 1024, 8])
     """
 
-    dropout_needs_grad = True  # as the reference: no dropout under torch.no_grad()
+    dropout_needs_grad = True  # no layers dropped under torch.no_grad(): dropout only shapes what training learns
 
     def __init__(
         self,

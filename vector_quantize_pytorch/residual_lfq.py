@@ -37,7 +37,7 @@ class ResidualLFQ(ResidualStack):
         (torch.Size([1, 1024, 8]), torch.Size([8]))
     """
 
-    dropout_needs_grad = True  # as the reference: no dropout under torch.no_grad()
+    dropout_needs_grad = True  # no layers dropped under torch.no_grad(): dropout only shapes what training learns
 
     def __init__(
         self,

@@ -100,13 +100,13 @@ class ResidualVQ(ResidualStack):
         heads: must be 1 (accepted for compatibility; GroupedResidualVQ splits features).
         return_zeros_for_masked_padding: masked positions output zeros (else their input).
         implicit_neural_codebook, mlp_kwargs: QINCo codebooks for layers after the first.
-        beam_score: how a beam ranks partial paths: ``"final"`` (ours, the default unless per-layer weights
-            are given) by the squared error of the reconstruction so far, as faiss does; ``"sum"`` (the
-            reference's) by the weighted sum of every layer's error. On structured data "final" gains about
-            twice as much over greedy encoding (benchmarks/README.md, "Beam search").
+        beam_score: how a beam ranks partial paths: ``"final"`` (the default unless per-layer weights are given)
+            by the squared error of the reconstruction so far, as faiss does; ``"sum"`` (the default when weights
+            are given) by the weighted sum of every layer's error. On structured data "final" gains about twice as
+            much over greedy encoding (benchmarks/README.md, "Beam search").
         beam_size, eval_beam_size, beam_score_quantizer_weights: beam search over the layers' choices, in
             training and in eval (a greedily trained model can be encoded with a beam). A path scores the
-            weighted sum of its per-layer squared errors (as the reference). In training the beam stops at the
+            weighted sum of its per-layer squared errors. In training the beam stops at the
             quantize-dropout cutoff, and a step that k-means-initialises the codebooks is greedy.
         quant_grad_frac: fraction of the gradient that flows through ``residual -= quantized``.
         diveq: DiVeQ on the summed output.
@@ -337,9 +337,9 @@ class ResidualVQ(ResidualStack):
         """Shared codebook: one EMA write and one dead-code pass per step, over every layer's valid inputs
         (masked and dropped tokens never become codes).
 
-        The candidate rows are token-major (each token's layer inputs together, as the reference orders
-        them), so that the rows of every rank concatenated in rank order are the rows of the concatenated
-        batch, and dead codes are replaced as one process replaces them.
+        The candidate rows are token-major (each token's layer inputs together), so that the rows of every rank
+        concatenated in rank order are the rows of the concatenated batch, and dead codes are replaced as one
+        process replaces them.
         """
         first = self.layers[0]
         inputs = torch.stack([residual.detach() for residual, _ in residuals], dim=2)  # (b, n, q, d)
@@ -354,7 +354,7 @@ class ResidualVQ(ResidualStack):
 
     def _cross_entropy_forward(self, h, indices, layout, tokens, mask, **layer_kwargs):
         """NaturalSpeech 2: sum over layers of the cross-entropy of each layer's distance logits against the
-        given codes, with the residual updated by those codes (the reference crashes here)."""
+        given codes, with the residual updated by those codes."""
         if isinstance(indices, (list, tuple)):
             indices = torch.stack(list(indices), dim=-1)
         check_indices("indices", indices)

@@ -1,6 +1,6 @@
 """Codebook state: EMA statistics, k-means initialisation, dead-code expiry and affine reparameterisation.
 
-The module keeps the reference's buffer names (``initted``, ``cluster_size``, ``embed_avg``, ``embed`` and,
+The module keeps vector-quantize-pytorch's buffer names (``initted``, ``cluster_size``, ``embed_avg``, ``embed`` and,
 with ``affine_param``, the codebook and batch moments) so that its checkpoints load with ``strict=True``.
 It holds state and updates it; the search, estimators and losses live in their own modules.
 
@@ -181,8 +181,8 @@ class Codebook(nn.Module):
         known = isinstance(initted, Tensor) and initted.numel() == 1 and not initted.is_meta
         self._initted_on_host = bool(initted) if known else None  # read once here, not in a forward
         if self.affine_param:
-            # the reference creates its batch moments on the first training step; a checkpoint saved before
-            # that has none, and then ours keep their "not yet initialised" values
+            # a checkpoint saved before the first training step may have no batch moments: they then keep
+            # their "not yet initialised" values
             has_batch_stats = f"{prefix}batch_mean" in state_dict
             for name in ("batch_mean", "batch_variance"):
                 state_dict.setdefault(f"{prefix}{name}", getattr(self, name).clone())
@@ -413,7 +413,7 @@ class Codebook(nn.Module):
         weight=None,
         accumulate: bool = False,
     ) -> None:
-        """Statistics, codes and dead codes after one training batch (the reference's order of steps).
+        """Statistics, codes and dead codes after one training batch (statistics, then codes, then expiry).
 
         Shape:
             - flat: ``(c, N, d)`` float32 codebook-space inputs, indices: ``(c, N)``, valid: ``(c, N)``

@@ -30,7 +30,7 @@ graph is freed, and one more copy during the recompute. Distributed quantizers r
 the recompute (every rank recomputes the same calls, so they match).
 
 Not covered: a plain ``checkpoint`` call without this ``context_fn`` (torch offers no public way to tell a
-recompute from a forward then: the quantizer updates twice, as the reference does); quantizers with an
+recompute from a forward then: the quantizer then updates twice); quantizers with an
 in-place codebook optimizer (its state lives in the optimizer: refused with a ``ValueError``); ``torch.compile``
 of the checkpointed function (``context_fn`` must then return ``TorchDispatchMode`` objects; the wrapper
 passes through while compiling).

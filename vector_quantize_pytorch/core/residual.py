@@ -7,7 +7,7 @@ its layers quantizes a residual and how it turns indices back into codes.
 
 Quantize dropout (SoundStream, EnCodec) trains the stack to work with its first few layers only: during
 training a random cutoff layer is drawn and later layers are dropped (index -1, zero codes, loss 0). By
-default one cutoff per batch, the same on every distributed rank (the reference's semantics); with
+default one cutoff per batch, the same on every distributed rank; with
 ``quantize_dropout_per_sample=True`` each sample draws its own cutoff, as DAC does.
 
 The cutoff stays a tensor: a dropped layer is masked (its tokens are masked out, so its codebook
@@ -43,7 +43,7 @@ _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: separates the hash streams of seeds
 
 
 def check_layer_kwargs(layer_kwargs: dict) -> None:
-    """Reject per-layer arguments a residual stack cannot honour (the reference asserts on some, breaks on others)."""
+    """Reject per-layer arguments a residual stack cannot honour, with an error naming the argument."""
     for name, allowed in LAYER_ARGUMENTS_FIXED_BY_THE_STACK.items():
         if name in layer_kwargs and not any(
             layer_kwargs[name] is value or layer_kwargs[name] == value for value in allowed
@@ -128,7 +128,7 @@ class ResidualStack(nn.Module):
     """
 
     layers: nn.ModuleList
-    # the reference's ResidualFSQ and ResidualLFQ drop layers only while autograd records
+    # True for stacks that drop layers only while autograd records (ResidualFSQ, ResidualLFQ)
     dropout_needs_grad = False
 
     def _init_dropout(self, quantize_dropout, cutoff_index, multiple_of, per_sample=False, *, num_quantizers=None):
@@ -234,11 +234,11 @@ class ResidualStack(nn.Module):
         cutoffs = self._dropout_plan(h.shape[0], h.device, seed) if self.quantize_dropout_active() else None
         return self._residual_loop(h, mask, cutoffs, **loop_kwargs)
 
-    def _stack_losses(self, losses: list, reference: Tensor) -> Tensor:
+    def _stack_losses(self, losses: list, like: Tensor) -> Tensor:
         """``(q,)`` float32 losses of the layers; a layer that did not run (None) contributes 0."""
         zero = None
         if any(loss is None for loss in losses):
-            zero = torch.zeros((), device=reference.device, dtype=torch.float32)
+            zero = torch.zeros((), device=like.device, dtype=torch.float32)
         scalars = [
             zero if loss is None else as_float32(loss if loss.ndim == 0 else loss.reshape(())) for loss in losses
         ]

@@ -192,7 +192,7 @@ def nearest_codes(
 
 
 def distance_logits(x: Tensor, codes: Tensor, *, cosine: bool = False, eps: float = 1e-8) -> Tensor:
-    """Logits over codes as the reference defines them: ``x.e`` (cosine) or ``-||x - e||`` (Euclidean).
+    """Logits over codes: ``x.e`` (cosine) or ``-||x - e||`` (Euclidean, the distance itself, not squared).
 
     This builds the full ``(c, N, K)`` matrix; it serves the losses that need it (cross-entropy commitment,
     codebook diversity, Gumbel straight-through), never the plain nearest-code search.
