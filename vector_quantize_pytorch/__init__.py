@@ -9,6 +9,7 @@ from .finite_scalar_quantization import FSQ
 from .hierarchical_vq import HierarchicalVQ
 from .latent_quantization import LatentQuantize
 from .lookup_free_quantization import LFQ
+from .quantizers import QUANTIZERS
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
@@ -21,33 +22,40 @@ from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
 
 __version__ = "2.0.0.dev0"
 
-# aliases used in the seed notes
+# other names the same classes go by in papers and user code
 VectorQuantizer = VectorQuantize
 LatentQuantizer = LatentQuantize
 
-# every quantizer class: `Sequential` passes forward keyword arguments to the one it contains
-QUANTIZERS = (
-    VectorQuantize,
-    ResidualVQ,
-    GroupedResidualVQ,
-    RandomProjectionQuantizer,
-    FSQ,
-    FSP,
-    LFQ,
-    EvoLFQ,
-    ResidualLFQ,
-    GroupedResidualLFQ,
-    ResidualFSQ,
-    GroupedResidualFSQ,
-    LatentQuantize,
-    LatentQuantizer,
-    SimVQ,
-    ResidualSimVQ,
-    BinaryMapper,
-    HierarchicalVQ,
-)
-
-__all__ = [cls.__name__ for cls in QUANTIZERS] + ["LossBreakdown", "Sequential", "VectorQuantizer", "LatentQuantizer"]
-__all__ += ["CodebookUsage", "checkpoint", "checkpoint_contexts"]
-__all__ += ["ChunkPolicy", "CPU_POLICY", "ACCELERATOR_POLICY", "chunk_policy", "set_chunk_policy", "use_chunk_policy"]
-__all__ = list(dict.fromkeys(__all__))
+__all__ = [
+    "VectorQuantize",
+    "VectorQuantizer",
+    "ResidualVQ",
+    "GroupedResidualVQ",
+    "RandomProjectionQuantizer",
+    "FSQ",
+    "FSP",
+    "LFQ",
+    "EvoLFQ",
+    "ResidualLFQ",
+    "GroupedResidualLFQ",
+    "ResidualFSQ",
+    "GroupedResidualFSQ",
+    "LatentQuantize",
+    "LatentQuantizer",
+    "SimVQ",
+    "ResidualSimVQ",
+    "BinaryMapper",
+    "HierarchicalVQ",
+    "QUANTIZERS",
+    "LossBreakdown",
+    "Sequential",
+    "CodebookUsage",
+    "checkpoint",
+    "checkpoint_contexts",
+    "ChunkPolicy",
+    "CPU_POLICY",
+    "ACCELERATOR_POLICY",
+    "chunk_policy",
+    "set_chunk_policy",
+    "use_chunk_policy",
+]

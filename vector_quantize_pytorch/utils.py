@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-
-def _quantizer_classes() -> tuple[type, ...]:
-    from . import QUANTIZERS  # the package imports this module first
-
-    return QUANTIZERS
+from .quantizers import QUANTIZERS
 
 
 class Sequential(nn.Module):
@@ -23,17 +19,15 @@ class Sequential(nn.Module):
 
     def __init__(self, *modules: nn.Module):
         super().__init__()
-        quantizers = _quantizer_classes()
-        count = sum(isinstance(m, quantizers) for m in modules)
+        count = sum(isinstance(m, QUANTIZERS) for m in modules)
         if count != 1:
             raise ValueError(f"Sequential must contain exactly one quantizer, got {count}")
         self.fns = nn.ModuleList(modules)
 
     def forward(self, x, **kwargs):
-        quantizers = _quantizer_classes()
         rest = ()
         for fn in self.fns:
-            if isinstance(fn, quantizers):
+            if isinstance(fn, QUANTIZERS):
                 x, *rest = fn(x, **kwargs)
             else:
                 x = fn(x)
