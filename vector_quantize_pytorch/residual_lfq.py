@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from .core.linear import project
@@ -85,14 +84,6 @@ class ResidualLFQ(ResidualStack):
         self.layers = nn.ModuleList(layers)
         self.codebook_size = codebook_size
 
-    @property
-    def codebooks(self) -> Tensor:
-        """``(q, K, codebook_dim)``: every layer's codes (built on request)."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def _quantize_layer(self, index, residual, mask, *, previous):
-        return self.layers[index](residual, mask=mask)
-
     def _layer_codes(self, index, indices, previous) -> Tensor:
         return self.layers[index].indices_to_codes(indices, project_out=False)
 
@@ -119,9 +110,7 @@ class GroupedResidualLFQ(GroupedStacks):
     """Features split into ``groups`` chunks, each quantized by its own :class:`ResidualLFQ`.
 
     Args:
-        dim: input feature size (a multiple of ``groups``).
-        groups: number of feature chunks.
-        accept_image_fmap: inputs are ``(b, c, h, w)``.
+        dim, groups, accept_image_fmap: as :class:`GroupedResidualVQ`.
         **kwargs: passed to every group's :class:`ResidualLFQ`.
 
     Shape:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .core.residual import ResidualStack
@@ -74,14 +73,6 @@ class ResidualSimVQ(ResidualStack):
     @property
     def codebook_dim(self) -> int:
         return self.layers[0].codebook_dim
-
-    @property
-    def codebooks(self) -> Tensor:
-        """``(q, K, dim)``: every layer's implicit codebook."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def _quantize_layer(self, index, residual, mask, *, previous):
-        return self.layers[index](residual, mask=mask)
 
     def _layer_codes(self, index, indices, previous) -> Tensor:
         return self.layers[index].indices_to_codes(indices)

@@ -122,7 +122,8 @@ class ResidualStack(nn.Module):
 
     - ``_quantize_layer(index, residual, mask, **kwargs) -> (quantized, indices, loss)`` on tokens
       ``(b, n, d)``, returning ``(b, n, d)``, ``(b, n)`` and a loss (``()``; ``None`` for loss-free layers);
-      masked tokens (``mask`` False) must not change the layer's statistics;
+      masked tokens (``mask`` False) must not change the layer's statistics (default: the layer's forward
+      with the mask);
     - ``_layer_codes(index, indices, previous) -> (b, n, d)`` codes for indices ``(b, n)`` in ``[0, K)``,
       where ``previous`` is the sum of the codes of the earlier layers (for implicit neural codebooks).
     """
@@ -130,6 +131,14 @@ class ResidualStack(nn.Module):
     layers: nn.ModuleList
     # True for stacks that drop layers only while autograd records (ResidualFSQ, ResidualLFQ)
     dropout_needs_grad = False
+
+    @property
+    def codebooks(self) -> Tensor:
+        """``(q, K, d)``: every layer's ``codebook``, stacked."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _quantize_layer(self, index, residual, mask, *, previous):
+        return self.layers[index](residual, mask=mask)
 
     def _init_dropout(self, quantize_dropout, cutoff_index, multiple_of, per_sample=False, *, num_quantizers=None):
         """Validate and keep the quantize dropout arguments of a stack of ``num_quantizers`` layers
