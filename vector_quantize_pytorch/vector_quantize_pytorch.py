@@ -182,21 +182,21 @@ class VectorQuantize(VectorQuantizeCodes):
 
     # ------------------------------------------------------------------ search
 
-    def _select_codes(self, flat: Tensor, codes: Tensor, temperature: float, topk: int | None):
+    def _select_codes(self, codebook_rows: Tensor, codes: Tensor, temperature: float, topk: int | None):
         """Indices ``(c, N)`` (or ``(c, N, k)``) and, when a loss needs them, the distance logits."""
         sampling = self.training and self.stochastic_sample_codes and temperature > 0
         if topk is not None:
-            _, indices = topk_codes(flat.detach(), codes.detach(), topk, cosine=self.use_cosine_sim)
+            _, indices = topk_codes(codebook_rows.detach(), codes.detach(), topk, cosine=self.use_cosine_sim)
             return indices, None
         if self._needs_logits():
-            logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
+            logits = distance_logits(codebook_rows, codes, cosine=self.use_cosine_sim)
             scores = logits.detach()
             if sampling:
                 scores = scores / temperature + gumbel_noise_like(scores)
             return scores.argmax(-1), logits
         if sampling:
-            return sample_codes(flat.detach(), codes.detach(), temperature, cosine=self.use_cosine_sim), None
-        return nearest_codes(flat, codes, cosine=self.use_cosine_sim), None  # no_grad: nothing to detach
+            return sample_codes(codebook_rows.detach(), codes.detach(), temperature, cosine=self.use_cosine_sim), None
+        return nearest_codes(codebook_rows, codes, cosine=self.use_cosine_sim), None  # no_grad: nothing to detach
 
     def _needs_logits(self) -> bool:
         return self.training and (
@@ -246,11 +246,13 @@ class VectorQuantize(VectorQuantizeCodes):
         if forced_indices is not None:
             check_forward_indices(self, "forced_indices", forced_indices, parsed.layout, parsed.batch)
 
-        flat = self.to_codebook_space(parsed.tokens)
+        codebook_rows = self.to_codebook_space(parsed.tokens)
         # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it); the
         # projections (project_in above, project_out in _outputs) run under the caller's autocast
-        with torch.autocast(flat.device.type, enabled=False):
-            result = self._quantize(flat, parsed, indices, topk, forced_indices, codebook_transform_fn, **options)
+        with torch.autocast(codebook_rows.device.type, enabled=False):
+            result = self._quantize(
+                codebook_rows, parsed, indices, topk, forced_indices, codebook_transform_fn, **options
+            )
         if indices is not None:
             return self._cross_entropy_path(*result, indices, parsed, x.dtype)
         out, code_indices, loss, breakdown = result
@@ -260,55 +262,61 @@ class VectorQuantize(VectorQuantizeCodes):
         return quantized, out_indices, loss
 
     def _quantize(
-        self, flat, parsed, indices, topk, forced_indices, transform, *,
+        self, codebook_rows, parsed, indices, topk, forced_indices, transform, *,
         freeze_codebook, temperature, ema_update_weight, accumulate, ema_update,
     ):  # fmt: skip
-        """The pipeline on codebook-space rows ``flat`` ``(c, N, d)``: search, statistics, estimator, losses.
+        """The pipeline on codebook-space rows ``codebook_rows`` ``(c, N, d)``: search, statistics, estimator, losses.
 
         Returns the quantized rows ``(c, N, d)`` (before ``project_out``), their indices, the loss and its
         breakdown; with ``indices`` given, what the cross-entropy path needs."""
         token_valid = None if parsed.mask is None else self.head_split.rows_of(parsed.mask)
-        rows = detached(flat)
-        valid = valid_rows(rows, token_valid)
+        fixed_rows = detached(codebook_rows)  # for statistics: no gradient
+        valid = valid_rows(fixed_rows, token_valid)
         updates_state = self.training and not freeze_codebook
-        self._prepare_codebook(rows, valid, updates_state)
+        self._prepare_codebook(fixed_rows, valid, updates_state)
 
         codes = self.effective_codes()
         if updates_state and not self.learnable_codebook and (self.straight_through or indices is not None):
             # the EMA step below rewrites the buffer; the Gumbel estimator and the cross-entropy path use this
             # step's codes after it (everything else uses the codes gathered before it)
             codes = codes.clone()
-        code_indices, logits, quantize = self._search(flat, codes, parsed, topk, forced_indices, transform, temperature)
+        code_indices, logits, quantize = self._search(
+            codebook_rows, codes, parsed, topk, forced_indices, transform, temperature
+        )
 
-        inplace_loss = zero = torch.zeros((), device=flat.device, dtype=torch.float32)
+        inplace_loss = zero = torch.zeros((), device=codebook_rows.device, dtype=torch.float32)
         if self.in_place_codebook_optimizer is not None and updates_state:
-            inplace_loss, quantize, code_indices, codes = self._in_place_optimize(flat, quantize, valid, temperature)
+            inplace_loss, quantize, code_indices, codes = self._in_place_optimize(
+                codebook_rows, quantize, valid, temperature
+            )
         if updates_state and topk is None:
             ema_on = self.ema_update if ema_update is None else ema_update
-            self._codebook.update_(rows, code_indices, valid, ema_update=ema_on, weight=ema_update_weight,
+            self._codebook.update_(fixed_rows, code_indices, valid, ema_update=ema_on, weight=ema_update_weight,
                                    accumulate=accumulate)  # fmt: skip
 
         commit_quantize = quantize if (self.learnable_codebook and not freeze_codebook) else detached(quantize)
-        out = self._route_gradients(flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk)
+        out = self._route_gradients(
+            codebook_rows, quantize, commit_quantize, logits, code_indices, codes, temperature, topk
+        )
         if transform is not None and self.training:
             out = estimators.attach_gradient(out, out + quantize - detached(quantize))  # to the transform
         if indices is not None:
-            return flat, codes, out, token_valid
-        breakdown = self._losses(flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero)
+            return codebook_rows, codes, out, token_valid
+        breakdown = self._losses(codebook_rows, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero)
         return out, code_indices, self._total_loss(breakdown, topk, parsed, token_valid), breakdown
 
-    def _search(self, flat, codes, parsed: TokenInput, topk, forced_indices, transform, temperature):
+    def _search(self, codebook_rows, codes, parsed: TokenInput, topk, forced_indices, transform, temperature):
         """``(indices, logits, quantize)``: the codes chosen for the rows (searched or forced) and, when a loss
         needs them, the distance logits."""
         logits = None
         if forced_indices is not None:
             code_indices = self._indices_to_rows(forced_indices, parsed).clamp(min=0)
             if self._needs_logits():
-                logits = distance_logits(flat, codes, cosine=self.use_cosine_sim)
+                logits = distance_logits(codebook_rows, codes, cosine=self.use_cosine_sim)
         elif transform is not None:
-            code_indices = self._transformed(transform, parsed).nearest(detached(flat), codes)
+            code_indices = self._transformed(transform, parsed).nearest(detached(codebook_rows), codes)
         else:
-            code_indices, logits = self._select_codes(flat, codes, temperature, topk)
+            code_indices, logits = self._select_codes(codebook_rows, codes, temperature, topk)
         if transform is not None:
             return code_indices, logits, self._transformed(transform, parsed).gather(codes, code_indices)
         return code_indices, logits, gather_codes(codes, code_indices)
@@ -319,36 +327,38 @@ class VectorQuantize(VectorQuantizeCodes):
             return transform
         return TokenConditionedCodes.materialized(transform, parsed.batch, parsed.num_tokens)
 
-    def _prepare_codebook(self, flat: Tensor, valid: Tensor, updates_state: bool) -> None:
+    def _prepare_codebook(self, codebook_rows: Tensor, valid: Tensor, updates_state: bool) -> None:
         """k-means initialisation and affine statistics: training only (eval never changes state)."""
         if not updates_state:
             return
         cb = self._codebook
         cb.sync_state_once_()
         if cb.needs_kmeans_init():
-            cb.kmeans_init_(flat, valid)
+            cb.kmeans_init_(codebook_rows, valid)
         if cb.affine_param:
-            cb.update_affine_statistics_(flat, valid)
+            cb.update_affine_statistics_(codebook_rows, valid)
 
-    def _in_place_optimize(self, flat: Tensor, quantize: Tensor, valid: Tensor, temperature: float):
+    def _in_place_optimize(self, codebook_rows: Tensor, quantize: Tensor, valid: Tensor, temperature: float):
         """One optimiser step on the codebook inside forward (vqtorch's alternating update), then search again.
 
         Rows that are masked or not finite give no gradient (they are zeroed before the squared error, so no
         ``NaN * 0`` reaches the codes); a batch where no rank has a valid row leaves the codes as they were."""
-        loss = losses.commitment_loss(flat.detach(), quantize, valid)
+        loss = losses.commitment_loss(codebook_rows.detach(), quantize, valid)
         loss.backward()
         if not self.manual_in_place_optimizer_update:
             self.update_in_place_optimizer_if_rows(valid.sum())
         codes = self.effective_codes()
-        code_indices, _ = self._select_codes(flat, codes, temperature, None)
+        code_indices, _ = self._select_codes(codebook_rows, codes, temperature, None)
         return loss.detach(), gather_codes(codes, code_indices), code_indices, codes
 
-    def _route_gradients(self, flat, quantize, commit_quantize, logits, code_indices, codes, temperature, topk):
+    def _route_gradients(
+        self, codebook_rows, quantize, commit_quantize, logits, code_indices, codes, temperature, topk
+    ):
         if not self.training:
             return quantize
         out = detached(quantize) if not self.learnable_codebook else quantize
-        if self.route_gradients_to_input and flat.requires_grad:
-            x = flat.unsqueeze(2).expand_as(quantize) if topk is not None else flat
+        if self.route_gradients_to_input and codebook_rows.requires_grad:
+            x = codebook_rows.unsqueeze(2).expand_as(quantize) if topk is not None else codebook_rows
             if self.straight_through and logits is not None and temperature > 0:
                 one_hot = F.one_hot(code_indices, self.codebook_size).to(logits.dtype)
                 soft = estimators.gumbel_straight_through(one_hot, logits, temperature)
@@ -363,16 +373,16 @@ class VectorQuantize(VectorQuantizeCodes):
             out = estimators.synchronized_update(out, commit_quantize, self.sync_update_v)
         return out
 
-    def _losses(self, flat, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero):
+    def _losses(self, codebook_rows, commit_quantize, logits, code_indices, valid, topk, inplace_loss, zero):
         commitment = diversity = orthogonal = zero
         if topk is not None:
-            commitment = (flat.unsqueeze(2) - commit_quantize).pow(2).mean(-1)  # (c, N, k) per-token losses
+            commitment = (codebook_rows.unsqueeze(2) - commit_quantize).pow(2).mean(-1)  # (c, N, k) per-token losses
         elif self.training and self.has_commitment_loss:
             if self.commitment_use_cross_entropy_loss:
                 target = torch.where(valid, code_indices, torch.full_like(code_indices, -1))
                 commitment = losses.cross_entropy_to_codes(logits, target)
             else:
-                commitment = losses.commitment_loss(flat, commit_quantize, valid)
+                commitment = losses.commitment_loss(codebook_rows, commit_quantize, valid)
         if self.training and self.has_codebook_diversity_loss:
             diversity = losses.codebook_diversity_loss(logits, self.codebook_diversity_temperature, valid)
         if self.training and self.has_codebook_orthogonal_loss:
@@ -413,7 +423,7 @@ class VectorQuantize(VectorQuantizeCodes):
             idx = torch.where(mask[(...,) + (None,) * (idx.ndim - 2)], idx, torch.full_like(idx, -1))
         return parsed.layout.from_tokens(q), parsed.layout.indices_from_tokens(idx)
 
-    def _cross_entropy_path(self, flat, codes, out, token_valid, indices, parsed: TokenInput, dtype):
+    def _cross_entropy_path(self, codebook_rows, codes, out, token_valid, indices, parsed: TokenInput, dtype):
         """NaturalSpeech 2: cross-entropy of the distance logits against given code indices.
 
         Returns the quantized tokens in codebook space (before ``project_out``), heads merged, in the input's
@@ -421,7 +431,7 @@ class VectorQuantize(VectorQuantizeCodes):
         target = self._indices_to_rows(indices, parsed)
         if token_valid is not None:
             target = torch.where(token_valid, target, torch.full_like(target, -1))
-        ce = losses.cross_entropy_to_codes(distance_logits(flat, codes, cosine=self.use_cosine_sim), target)
+        ce = losses.cross_entropy_to_codes(distance_logits(codebook_rows, codes, cosine=self.use_cosine_sim), target)
         q = self.head_split.merge(out, parsed.batch, parsed.num_tokens).flatten(2).to(dtype)
         return parsed.layout.from_tokens(q), ce
 

@@ -51,20 +51,20 @@ def laplace_smoothed(counts: Tensor, eps: float) -> Tensor:
     return (counts + eps) / (total + counts.shape[-1] * eps) * total
 
 
-def valid_rows(flat: Tensor, mask: Tensor | None) -> Tensor:
+def valid_rows(rows: Tensor, mask: Tensor | None) -> Tensor:
     """Rows that may update statistics: inside the mask and entirely finite.
 
     Shape:
-        - flat: ``(c, N, d)``, mask: ``(c, N)`` bool or None
+        - rows: ``(c, N, d)``, mask: ``(c, N)`` bool or None
         - output: ``(c, N)`` bool
     """
-    finite = torch.isfinite(flat).all(dim=-1)
+    finite = torch.isfinite(rows).all(dim=-1)
     return finite if mask is None else finite & mask
 
 
-def zero_invalid(flat: Tensor, valid: Tensor) -> Tensor:
+def zero_invalid(rows: Tensor, valid: Tensor) -> Tensor:
     """Replace invalid rows by zeros so that ``0 * row`` cannot produce NaN."""
-    return torch.where(valid.unsqueeze(-1), flat, 0.0)
+    return torch.where(valid.unsqueeze(-1), rows, 0.0)
 
 
 class Codebook(nn.Module):
@@ -203,8 +203,8 @@ class Codebook(nn.Module):
         return not self._initted_on_host
 
     @torch.no_grad()
-    def kmeans_init_(self, flat: Tensor, valid: Tensor) -> None:
-        """Initialise codes, counts and sums by k-means on the valid rows of ``flat`` ``(c, N, d)``.
+    def kmeans_init_(self, rows: Tensor, valid: Tensor) -> None:
+        """Initialise codes, counts and sums by k-means on the valid rows of ``rows`` ``(c, N, d)``.
 
         With ``sync_kmeans`` (and distributed), k-means runs on the rows of every rank: the initial means
         are drawn among all ranks' rows with a shared seed and the statistics are all-reduced, so every
@@ -214,7 +214,7 @@ class Codebook(nn.Module):
         """
         sync = self.sync_codebook if self.sync_kmeans else False
         means, counts = kmeans(
-            zero_invalid(flat, valid),
+            zero_invalid(rows, valid),
             self.codebook_size,
             self.kmeans_iters,
             valid=valid,
@@ -251,20 +251,20 @@ class Codebook(nn.Module):
 
     # ----------------------------------------------------------------- affine reparameterisation
 
-    def _batch_moments(self, flat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch_moments(self, rows: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sync = self.sync_codebook if self.sync_affine_param else False
-        weights = valid.to(flat.dtype).unsqueeze(-1)
+        weights = valid.to(rows.dtype).unsqueeze(-1)
         count = distributed.all_reduce_sum_(weights.sum(dim=1, keepdim=True), sync=sync)
-        mean = distributed.all_reduce_sum_((flat * weights).sum(dim=1, keepdim=True), sync=sync) / count.clamp(min=1)
-        sq = ((flat - mean).pow(2) * weights).sum(dim=1, keepdim=True)
+        mean = distributed.all_reduce_sum_((rows * weights).sum(dim=1, keepdim=True), sync=sync) / count.clamp(min=1)
+        sq = ((rows - mean).pow(2) * weights).sum(dim=1, keepdim=True)
         variance = distributed.all_reduce_sum_(sq, sync=sync) / count.clamp(min=1)
         return mean, variance, count > 0
 
     @torch.no_grad()
-    def update_affine_statistics_(self, flat: Tensor, valid: Tensor) -> None:
+    def update_affine_statistics_(self, rows: Tensor, valid: Tensor) -> None:
         """EMA of the codebook's and of the batch's per-dimension mean and variance (training only). A batch
         without a valid row (on any rank) moves neither, as it moves no other statistic."""
-        mean, variance, has_rows = self._batch_moments(zero_invalid(flat, valid), valid)
+        mean, variance, has_rows = self._batch_moments(zero_invalid(rows, valid), valid)
         codes = self.embed.detach()
         codebook_decay, batch_decay = self.affine_param_codebook_decay, self.affine_param_batch_decay
         codebook_variance = codes.var(dim=1, unbiased=False, keepdim=True)
@@ -295,10 +295,10 @@ class Codebook(nn.Module):
         codebook_std, batch_std = self._affine_scales()
         return (codes - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
 
-    def affine_inputs(self, flat: Tensor) -> Tensor:
+    def affine_inputs(self, rows: Tensor) -> Tensor:
         """Inputs moved to the codebook's moments: what the EMA statistics accumulate."""
         codebook_std, batch_std = self._affine_scales()
-        return (flat - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
+        return (rows - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
 
     # ----------------------------------------------------------------- EMA statistics
 
@@ -327,16 +327,16 @@ class Codebook(nn.Module):
         return weight
 
     @torch.no_grad()
-    def track_(self, flat: Tensor, indices: Tensor, valid: Tensor, weight=None, accumulate: bool = False) -> Tensor:
+    def track_(self, rows: Tensor, indices: Tensor, valid: Tensor, weight=None, accumulate: bool = False) -> Tensor:
         """Fold one batch's per-code counts and sums into the EMA statistics.
 
         Returns a ``(c, 1)`` bool tensor: which codebooks saw at least one valid row (on any rank).
 
         Shape:
-            - flat: ``(c, N, d)`` float32, indices: ``(c, N)``, valid: ``(c, N)``
+            - rows: ``(c, N, d)`` float32, indices: ``(c, N)``, valid: ``(c, N)``
         """
         counts, sums = cluster_statistics(
-            zero_invalid(flat, valid), indices.clamp(min=0), valid, self.codebook_size, samples_weighted=True
+            zero_invalid(rows, valid), indices.clamp(min=0), valid, self.codebook_size, samples_weighted=True
         )
         if distributed.should_sync(self.sync_codebook):  # one all-reduce for counts and sums
             packed = distributed.all_reduce_sum_(torch.cat((counts.unsqueeze(-1), sums), dim=-1))
@@ -365,7 +365,7 @@ class Codebook(nn.Module):
     # ----------------------------------------------------------------- dead codes
 
     @torch.no_grad()
-    def expire_codes_(self, flat: Tensor, valid: Tensor | None = None, seed: Tensor | None = None) -> None:
+    def expire_codes_(self, rows: Tensor, valid: Tensor | None = None, seed: Tensor | None = None) -> None:
         """Replace every code whose EMA count is below the threshold by a distinct random valid batch row.
 
         Dead codes are taken in index order and paired with valid rows in random order; when there are more
@@ -375,23 +375,23 @@ class Codebook(nn.Module):
         single process picks from the concatenated batch with the same seed.
 
         Args:
-            flat: ``(c, N, d)`` candidate rows in codebook space.
+            rows: ``(c, N, d)`` candidate rows in codebook space.
             valid: ``(c, N)`` bool, rows that may become codes (default: the finite ones).
             seed: ``()`` int64 seed; None draws one from the default generator (rank 0's when distributed).
         """
         if not self.has_dead_code_replacement:
             return
         if valid is None:
-            valid = valid_rows(flat, None)
-        d = flat.shape[-1]
+            valid = valid_rows(rows, None)
+        d = rows.shape[-1]
         expired = self.cluster_size < self.threshold_ema_dead_code
         num_dead = expired.sum(dim=-1, keepdim=True)
         code_order = (~expired).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
 
-        rows, num_valid = random_valid_rows(flat, valid, self.codebook_size, seed, sync=self.sync_codebook)
+        rows, num_valid = random_valid_rows(rows, valid, self.codebook_size, seed, sync=self.sync_codebook)
         if self.use_cosine_sim:
             rows = F.normalize(rows, dim=-1)
-        slot = torch.arange(self.codebook_size, device=flat.device).unsqueeze(0)
+        slot = torch.arange(self.codebook_size, device=rows.device).unsqueeze(0)
         active = (slot < num_dead) & (slot < num_valid)  # (c, K), in code_order
         replace = torch.zeros_like(expired).scatter(1, code_order, active)
         new_codes = self.embed.detach().scatter(1, code_order.unsqueeze(-1).expand(-1, -1, d), rows)
@@ -405,7 +405,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update_(
         self,
-        flat: Tensor,
+        rows: Tensor,
         indices: Tensor,
         valid: Tensor,
         *,
@@ -416,20 +416,20 @@ class Codebook(nn.Module):
         """Statistics, codes and dead codes after one training batch (statistics, then codes, then expiry).
 
         Shape:
-            - flat: ``(c, N, d)`` float32 codebook-space inputs, indices: ``(c, N)``, valid: ``(c, N)``
+            - rows: ``(c, N, d)`` float32 codebook-space inputs, indices: ``(c, N)``, valid: ``(c, N)``
         """
         ema_update = self.ema_update if ema_update is None else ema_update
         if not ema_update and not self.has_dead_code_replacement:
             return
         self.sync_state_once_()
         if self.affine_param:
-            flat = self.affine_inputs(flat)
+            rows = self.affine_inputs(rows)
         # a learnable codebook under EMA (a gradient regulariser on top) moves by the change of its EMA
         # target instead of being overwritten, so that its gradient steps are kept
         moves_by_delta = isinstance(self.embed, nn.Parameter)
         target_before = self._ema_codes() if moves_by_delta and ema_update else None
 
-        has_rows = self.track_(flat, indices, valid, weight=weight, accumulate=accumulate)
+        has_rows = self.track_(rows, indices, valid, weight=weight, accumulate=accumulate)
         if accumulate:
             return
         if ema_update and not self.manual_ema_update:
@@ -438,7 +438,7 @@ class Codebook(nn.Module):
             # lerp with weight 1 is exactly new_codes and with weight 0 exactly the old codes: an in-place
             # torch.where(has_rows, new_codes, embed) without another (c, K, d) temporary
             self.embed.lerp_(new_codes, has_rows.unsqueeze(-1).to(new_codes.dtype))
-        self.expire_codes_(flat, valid)
+        self.expire_codes_(rows, valid)
 
     def orthogonal_reg_codes(
         self, indices: Tensor, valid: Tensor, active_only: bool, max_codes: int | None
