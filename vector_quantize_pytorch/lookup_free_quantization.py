@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import health
 from .core.distributed import mean_over_ranks, should_sync
 from .core.entropy import code_entropy, per_sample_entropy, token_weights
 from .core.estimators import straight_through
@@ -410,6 +411,7 @@ class LFQ(nn.Module):
 
             bits = h > 0
             indices = bits_to_index(bits, self.mask)  # b n c
+            health.observe(self, indices, self.codebook_size, mask=token_mask)  # training only, see core/health
             quantized = self._codes_from_bits(bits, h.dtype)
             out = straight_through(self.activation(h), quantized) if self.training else quantized
             aux_loss, breakdown = self._aux_losses(h, quantized, token_mask, inv_temperature, return_loss_breakdown)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core import health
 from .core.autograd import QuantizeWithCommitment, rotation_trick_grad
 from .core.layout import parse_input
 from .core.search import nearest_codes
@@ -172,6 +173,7 @@ class SimVQ(nn.Module):
         codebook = self.implicit_codebook()  # (K, d)
         # the search tracks no gradient: no detached copies needed
         indices = nearest_codes(token_rows.unsqueeze(0), codebook.unsqueeze(0))[0]  # (N,)
+        health.observe(self, indices, self.codebook_size, mask=valid)  # training only, see core/health
         quantized = F.embedding(indices, codebook)  # (N, d), differentiable in the transform
 
         out, loss = self._output_and_loss(token_rows, quantized, valid)

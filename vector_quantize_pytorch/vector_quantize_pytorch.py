@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import estimators, losses
+from .core import estimators, health, losses
 from .core.codebook import Codebook, valid_rows
 from .core.layout import HeadSplit, TokenInput
 from .core.recompute import stateful_forward
@@ -289,6 +289,7 @@ class VectorQuantize(VectorQuantizeCodes):
             inplace_loss, quantize, code_indices, codes = self._in_place_optimize(
                 codebook_rows, quantize, valid, temperature
             )
+        health.observe(self, code_indices, self.codebook_size, mask=valid)  # training only, see core/health
         if updates_state and topk is None:
             ema_on = self.ema_update if ema_update is None else ema_update
             self._codebook.update_(fixed_rows, code_indices, valid, ema_update=ema_on, weight=ema_update_weight,
