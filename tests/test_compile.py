@@ -100,7 +100,10 @@ def run_step(module, x, seed):
     return outputs_of(result), [g.clone() for g in grads if g is not None]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# VectorQuantize in the default run, every other quantizer with `pytest -m slow`
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n == "VectorQuantize" else pytest.mark.slow) for n in CASES]
+)
 def test_compiled_training_and_eval_forwards_equal_eager(name):
     torch.manual_seed(0)
     eager = CASES[name]().train()

@@ -375,7 +375,10 @@ DROPPING_STACKS = {
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
-@pytest.mark.parametrize("family", DROPPING_STACKS)
+# the first stack in the default run, the others with `pytest -m slow`
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=() if i == 0 else pytest.mark.slow) for i, f in enumerate(DROPPING_STACKS)]
+)
 def test_compiled_training_step_with_dropout_equals_eager(family, per_sample):
     """Every residual family (one shared loop): the cutoff stays a tensor, so torch.compile(fullgraph=True)
     captures the whole training step (a graph break or a host read would raise) and gives eager's outputs,
