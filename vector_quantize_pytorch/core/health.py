@@ -52,7 +52,7 @@ from torch import Tensor, nn
 # normalization layer) 67% or more.
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_WARMUP = 200
-DEFAULT_EVERY = 100
+DEFAULT_EVERY = 50
 MAX_BINS = 2**16  # larger vocabularies are hashed into this many buckets (512 KiB of int64 counters)
 
 # Remedies measured with benchmarks/codebook_health.py (MNIST autoencoder, 2^8 - 2^12 codes), by family.
