@@ -60,7 +60,7 @@ def test_collapsed_codebook_warns_once_after_the_warmup_naming_the_remedies():
     assert len(caught) == 1
     assert caught[0].step == 20  # the first window that may warn
     message = str(caught[0].message)
-    assert "LFQ is using 1 of its 256 codes" in message
+    assert "LFQ used 1 of its 256 codes in its last 10 training forwards (up to forward 20" in message
     assert "spherical=True" in message and "soft_clamp_input_value" in message and "normalization" in message
     assert "set_health_check(False)" in message
 
@@ -79,18 +79,26 @@ def test_healthy_codebook_never_warns():
     assert report["step"] == 100 and report["relative_usage"] > 0.99 and report["tokens"] == 10 * 512
 
 
-def test_usage_is_relative_to_the_tokens_a_window_can_fill():
-    # 2^32 codes, 8 tokens a step: 80 distinct codes a window is everything such a window can use
+def test_usage_is_relative_to_the_tokens_of_one_forward():
+    # 2^32 codes, 8 tokens a forward: 8 distinct codes a forward is all a forward can use
     module = Quantizer(codebook_size=2**32)
     health.configure(module, warmup=10, every=10)
     counter = iter(range(10**6))
     distinct = lambda: torch.tensor([[next(counter) * 7919 for _ in range(8)]])
     assert run(module, distinct, steps=50) == []
-    assert health.last_report(module)["relative_usage"] > 0.95
-    # ... and 2 codes in those 80 tokens is a collapse
+    assert health.last_report(module)["relative_usage"] >= 1
+    # ... and 1 code in every forward's 8 tokens is a collapse
     module = Quantizer(codebook_size=2**32)
     health.configure(module, warmup=10, every=10)
-    assert len(run(module, lambda: torch.tensor([[5, 9] * 4]), steps=50)) == 1
+    assert len(run(module, lambda: torch.tensor([[5] * 8]), steps=50)) == 1
+
+
+def test_one_batch_trained_on_again_and_again_is_not_a_collapse():
+    # 8192 codes, the same 512 tokens every forward, all on different codes
+    module = Quantizer(codebook_size=8192)
+    batch = torch.randperm(8192)[:512].view(2, 256)
+    assert run(module, lambda: batch, steps=300) == []
+    assert health.last_report(module)["relative_usage"] == 1
 
 
 def test_masked_and_dropped_positions_are_not_counted():
