@@ -22,6 +22,7 @@ from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, rad
 from .core.recompute import stateful_forward
 from .core.tensors import as_dtype
 from .core.validate import (
+    ArgumentRuntimeError,
     check_float,
     check_indices,
     check_int,
@@ -81,7 +82,9 @@ def _check_levels(levels, codebook_dim) -> tuple[int, ...]:
         return levels
     level = check_int("levels", levels, minimum=1)
     if codebook_dim <= 0:
-        raise ValueError(f"codebook_dim must be >= 1 when levels is a single int ({level}), got {codebook_dim}")
+        raise ArgumentRuntimeError(
+            f"codebook_dim must be >= 1 when levels is a single int ({level}), got {codebook_dim}"
+        )
     return (level,) * codebook_dim
 
 
@@ -125,8 +128,8 @@ class LatentQuantize(nn.Module):
             ``optimize_values=True``.
 
     Shape:
-        - Input: ``(b, n, dim)`` sequences (channel-last), ``(b, dim)`` single tokens, or channel-first
-          images ``(b, dim, h, w)`` and video ``(b, dim, t, h, w)`` (any input with 4 or more axes).
+        - Input: channel-first ``(b, dim, ...)`` series, images and video (whenever axis 1 has ``dim``
+          features), else channel-last ``(b, ..., dim)`` (e.g. ``(b, n, dim)`` sequences); ``(b, dim)`` tokens.
         - Output: ``(out, indices, loss)``: ``out`` has the input's shape and dtype; ``indices`` are int32 of
           shape ``(b, n)``, ``(b,)``, ``(b, h, w)`` or ``(b, t, h, w)``, with a trailing ``num_codebooks``
           axis when ``keep_num_codebooks_dim``; ``loss`` is a float32 scalar.
@@ -369,7 +372,9 @@ class LatentQuantize(nn.Module):
 
     @stateful_forward  # activation checkpointing (core/recompute.py): refuses an in-place optimizer
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        parsed = parse_input(z, dim=self.dim, channel_first=None, name="z")
+        # features on axis 1 whenever that axis has them (image, video and (b, dim, n) series); else (b, n, dim)
+        channel_first = isinstance(z, Tensor) and z.ndim >= 3 and z.shape[1] == self.dim
+        parsed = parse_input(z, dim=self.dim, channel_first=channel_first, name="z")
         x, layout, tokens = z, parsed.layout, parsed.tokens
         # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
         token_rows = tokens.reshape(-1, self.dim)

@@ -127,3 +127,8 @@ def check_arguments(args: dict, **kinds) -> None:
         check_bool(name, args[name])
     for name in kinds.get("optional_bool", ()):
         check_optional_bool(name, args[name])
+
+
+class ArgumentRuntimeError(ValueError, RuntimeError):
+    """A bad argument where vector-quantize-pytorch 1.32 raised ``RuntimeError``: both ``except ValueError``
+    (this library's rule for bad arguments) and ``except RuntimeError`` (code written against 1.32) catch it."""
