@@ -222,15 +222,22 @@ def topk_codes(
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest codes of every token, nearest first, with their distance logits.
 
+    The first is exactly :func:`nearest_codes`' choice (the same arithmetic, so near-ties and ties rank the
+    same: ``topk=1`` quantizes as the plain search does); the other ``k - 1`` follow by distance logit.
+
     Shape:
         - x: ``(c, N, d)``, codes: ``(c, K, d)``
         - output: logits ``(c, N, k)``, indices ``(c, N, k)`` int64
     """
+    nearest = nearest_codes(x, codes, cosine=cosine).unsqueeze(-1)  # (c, N, 1)
     values, indices = [], []
-    for _, logits in _chunked_logits(x, codes, cosine, max_scores):
-        top = logits.topk(k, dim=-1)
-        values.append(top.values)
-        indices.append(top.indices)
+    for start, logits in _chunked_logits(x, codes, cosine, max_scores):
+        chosen = nearest[:, start : start + logits.shape[1]]
+        if k > 1:
+            others = logits.scatter(-1, chosen, float("-inf")).topk(k - 1, dim=-1).indices
+            chosen = torch.cat((chosen, others), dim=-1)
+        values.append(logits.gather(-1, chosen))
+        indices.append(chosen)
     return torch.cat(values, dim=1), torch.cat(indices, dim=1)
 
 
