@@ -40,11 +40,13 @@ def _tanh_inverse_cdf(p: Tensor) -> Tensor:
 
 
 def _normal_cdf(z: Tensor) -> Tensor:
-    return (1.0 + torch.erf(z / math.sqrt(2.0))) / 2.0
+    # in float64: (1 + erf(z / sqrt 2)) / 2 cancels below zero, and float32 ndtr/ndtri lose the lower tail's
+    # digits (a round trip off by 1e-2 at z = -5); the float32 result is then exact to its last bit
+    return torch.special.ndtr(z.double()).to(z.dtype)
 
 
 def _normal_inverse_cdf(p: Tensor) -> Tensor:
-    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
+    return torch.special.ndtri(p.double()).to(p.dtype)
 
 
 def _laplace_cdf(z: Tensor) -> Tensor:
