@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core.estimators import attach_gradient
-from .core.validate import check_bool, check_float, check_indices, check_int
+from .core.validate import check_bool, check_code_indices, check_float, check_int
 
 __all__ = ["BinaryMapper", "binary_entropy"]
 
@@ -138,7 +138,8 @@ class BinaryMapper(nn.Module):
             raise ValueError("log_prob needs exactly one of indices= or one_hot=")
         if one_hot is not None:
             indices = one_hot.argmax(dim=-1)
-        check_indices("indices", indices)
+        else:  # values in [0, 2**bits): a ValueError otherwise
+            indices = check_code_indices("indices", indices, self.num_codes, min_ndim=1)
         bits = indices_to_bits(indices, self.bits)
         log_probs = torch.where(bits, F.logsigmoid(logits), F.logsigmoid(-logits))
         return log_probs.sum(dim=-1) if sum_bits else log_probs

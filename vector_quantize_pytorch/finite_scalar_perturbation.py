@@ -17,8 +17,8 @@ from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, rad
 from .core.validate import (
     check_bool,
     check_choice,
+    check_code_indices,
     check_float,
-    check_indices,
     check_int,
     check_int_sequence,
 )
@@ -295,8 +295,9 @@ class FSP(nn.Module):
 
     def indices_to_codes(self, indices: Tensor, eps: float = 1e-6) -> Tensor:
         """``(...)`` integer code indices -> the output they stand for: ``(..., dim)``, or ``(b, dim, ...)`` when
-        ``channel_first``. ``eps`` clamps bin centres before the inverse CDF (``need_inv_act``)."""
-        check_indices("indices", indices)
+        ``channel_first``. ``eps`` clamps bin centres before the inverse CDF (``need_inv_act``). Values outside
+        ``[0, codebook_size)`` raise a ``ValueError``."""
+        indices = check_code_indices("indices", indices, self.codebook_size, min_ndim=1)
         if self.need_inv_act:
             latents = self._inverse_cdf_at_centres(self.indices_to_level_indices(indices), eps, torch.float32)
         else:

@@ -28,8 +28,8 @@ from .core.radix import (
 from .core.tensors import as_dtype
 from .core.validate import (
     check_arguments,
+    check_code_indices,
     check_float,
-    check_indices,
     check_int_sequence,
 )
 
@@ -349,8 +349,9 @@ class FSQ(nn.Module):
 
         Raises:
             TypeError: ``indices`` is not an integer tensor (floating point and bool are refused).
+            ValueError: a value lies outside ``[0, codebook_size)``.
         """
-        check_indices("indices", indices, min_ndim=0)
+        indices = check_code_indices("indices", indices, self.codebook_size)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self._level_indices_to_codes(self.indices_to_level_indices(indices))
         if self.orthogonal_rotation:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .core import distributed
 from .core.layout import lens_to_mask
-from .core.validate import check_bool, check_float, check_input, check_int, check_int_sequence
+from .core.validate import check_bool, check_code_indices, check_float, check_input, check_int, check_int_sequence
 from .vector_quantize_pytorch import VectorQuantize
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -297,7 +297,8 @@ class HierarchicalVQ(nn.Module):
 
     def get_output_from_indices(self, indices, full_shape: int | Sequence[int] | None = None) -> Tensor:
         """The reconstruction for the indices of every level; equal to the eval forward's output when
-        ``full_shape`` is the input's spatial shape. Index -1 contributes a zero code.
+        ``full_shape`` is the input's spatial shape. Index -1 contributes a zero code; any other value outside
+        ``[0, codebook_size)`` of its level raises a ``ValueError`` naming the level.
 
         Args:
             indices: one ``(b, *level_shape)`` integer tensor per level, as forward returns them.
@@ -315,6 +316,10 @@ class HierarchicalVQ(nn.Module):
             if not isinstance(level_indices, Tensor) or tuple(level_indices.shape) != expected:
                 got = tuple(level_indices.shape) if isinstance(level_indices, Tensor) else type(level_indices)
                 raise ValueError(f"indices[{level_index}] must have shape (b, *level_shape) = {expected}, got {got}")
+        indices = [
+            check_code_indices(f"indices[{i}]", level_indices, self.get_vq(i).codebook_size, allow_dropped=True)
+            for i, level_indices in enumerate(indices)
+        ]
         full_shape = (
             self.level_shapes[-1] if full_shape is None else to_level_shape(full_shape, self.spatial_dims, "full_shape")
         )

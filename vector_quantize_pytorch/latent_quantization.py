@@ -23,8 +23,8 @@ from .core.recompute import stateful_forward
 from .core.tensors import as_dtype
 from .core.validate import (
     ArgumentRuntimeError,
+    check_code_indices,
     check_float,
-    check_indices,
     check_int,
     check_int_sequence,
     check_optional_bool,
@@ -307,8 +307,9 @@ class LatentQuantize(nn.Module):
 
         Image and video indices (two or more spatial axes) give channel-first codes;
         sequence indices ``(b, n)`` give ``(b, n, d)``, the layout :meth:`forward` takes them in.
+        Values outside ``[0, codebook_size)`` raise a ``ValueError``.
         """
-        check_indices("indices", indices)
+        indices = check_code_indices("indices", indices, self.codebook_size, min_ndim=1)
         codes = self._values_at(self._flat_values(), self.indices_to_level_indices(indices)).detach()
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)

@@ -28,8 +28,8 @@ from .core.radix import bit_weights, bits_to_index, index_to_bits
 from .core.tensors import as_dtype, at_least_float32
 from .core.validate import (
     check_arguments,
+    check_code_indices,
     check_float,
-    check_indices,
     check_int,
 )
 
@@ -322,8 +322,9 @@ class LFQ(nn.Module):
 
         Raises:
             TypeError: ``indices`` is not an integer tensor (floating point and bool are refused).
+            ValueError: a value lies outside ``[0, codebook_size)``.
         """
-        check_indices("indices", indices, min_ndim=0)
+        indices = check_code_indices("indices", indices, self.codebook_size)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if not self.keep_num_codebooks_dim:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .core import distributed, losses
 from .core.search import distance_logits, nearest_codes
-from .core.validate import check_bool, check_feature_size, check_input, check_int
+from .core.validate import check_bool, check_code_indices, check_feature_size, check_indices, check_input, check_int
 from .vector_quantize_pytorch import VectorQuantize
 
 
@@ -173,12 +173,13 @@ class RandomProjectionQuantizer(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     def _cross_entropy(self, frames: Tensor, indices: Tensor, b: int, n: int) -> Tensor:
-        """Cross-entropy of the cosine logits ``(h, N, K)`` against given indices (-1 ignored)."""
-        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
-            raise TypeError("indices must be an integer torch.Tensor")
+        """Cross-entropy of the cosine logits ``(h, N, K)`` against given indices (-1 ignored; any other value
+        outside ``[0, codebook_size)`` raises a ``ValueError``)."""
+        check_indices("indices", indices)
         expected = (b, n) if self.num_codebooks == 1 else (b, n, self.num_codebooks)
         if tuple(indices.shape) != expected:
             raise ValueError(f"indices must have shape {expected} as forward returns them, got {tuple(indices.shape)}")
+        indices = check_code_indices("indices", indices, self.codebook_size, allow_dropped=True)
         target = indices.long().reshape(b * n, self.num_codebooks).t()  # (h, N)
         logits = distance_logits(self._head_features(frames), self._codes(), cosine=True)
         return losses.cross_entropy_to_codes(logits, target)

@@ -16,7 +16,15 @@ from .core.linear import project
 from .core.recompute import stateful_forward
 from .core.residual import GroupedStacks, ResidualStack
 from .core.search import TokenConditionedCodes, gather_codes
-from .core.validate import check_arguments, check_choice, check_float, check_indices, check_input, check_int
+from .core.validate import (
+    check_arguments,
+    check_choice,
+    check_code_indices,
+    check_float,
+    check_indices,
+    check_input,
+    check_int,
+)
 from .vector_quantize_pytorch import VectorQuantize
 
 
@@ -364,12 +372,8 @@ class ResidualVQ(ResidualStack):
                 f"indices must have shape (b, ..., num_quantizers) = {expected}, got {tuple(indices.shape)}"
             )
         indices = layout.indices_to_tokens(indices, tail_dims=1)
-        sizes = torch.tensor(self.codebook_sizes, device=indices.device)
-        if ((indices < 0) | (indices >= sizes)).any():
-            raise ValueError(
-                f"indices must lie in [0, codebook_size) of their layer (codebook sizes {self.codebook_sizes}), "
-                "without -1 (dropped layers); use indices from eval mode"
-            )
+        # no -1 (a dropped layer has no target): use indices from eval mode
+        indices = check_code_indices("indices", indices, self.codebook_sizes).long()
         residual, quantized_out, ce_total = h, torch.zeros_like(h), 0.0
         for index, layer in enumerate(self.layers):
             # the given codes, looked up before the layer's training step can move its codebook

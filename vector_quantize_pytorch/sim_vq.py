@@ -13,7 +13,7 @@ from .core.autograd import QuantizeWithCommitment, rotation_trick_grad
 from .core.layout import parse_input
 from .core.search import nearest_codes
 from .core.tensors import as_dtype, as_float32
-from .core.validate import check_bool, check_float, check_int
+from .core.validate import check_bool, check_code_indices, check_float, check_int
 
 
 def identity(t: Tensor) -> Tensor:
@@ -145,15 +145,13 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes for indices as forward returns them: equal to the eval forward's output. Index -1 gives a
-        zero vector.
+        zero vector; any other value outside ``[0, codebook_size)`` raises a ``ValueError``.
 
         Shape:
             - indices: ``(b, ...)`` int
             - output: ``(b, ..., dim)``, or ``(b, dim, ...)`` with ``channel_first``
         """
-        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise TypeError("indices must be an integer torch.Tensor")
-        idx = indices.long()
+        idx = check_code_indices("indices", indices, self.codebook_size, allow_dropped=True).long()
         codes = F.embedding(idx.clamp(min=0), self.implicit_codebook())
         codes = torch.where((idx >= 0).unsqueeze(-1), codes, torch.zeros_like(codes))
         if self.channel_first and codes.ndim >= 3:

@@ -12,7 +12,7 @@ from .core.inplace import average_gradients_, step_if_rows
 from .core.layout import TokenInput, parse_input, token_mask
 from .core.search import gather_codes
 from .core.tensors import as_float32, detached
-from .core.validate import check_indices
+from .core.validate import check_code_indices
 from .vector_quantize_options import SHAPES, check_forward_indices
 
 
@@ -107,6 +107,7 @@ class VectorQuantizeCodes(nn.Module):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Codes in codebook space for indices as forward returns them; index -1 gives a zero code.
+        Other values outside ``[0, codebook_size)`` raise a ``ValueError`` (:func:`~.core.validate.check_code_indices`).
 
         Shape:
             - indices: ``(b, ...)`` or ``(b, ..., heads)``
@@ -136,7 +137,9 @@ class VectorQuantizeCodes(nn.Module):
         return self.project_out(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], self.dim)
 
     def _codes_channel_last(self, indices: Tensor) -> Tensor:
-        check_indices("indices", indices, min_ndim=1 if self.heads > 1 else 0)
+        indices = check_code_indices(
+            "indices", indices, self.codebook_size, allow_dropped=True, min_ndim=1 if self.heads > 1 else 0
+        )
         if self.heads > 1 and indices.shape[-1] != self.heads:
             raise ValueError(f"indices must end with a heads axis of size {self.heads}, got {tuple(indices.shape)}")
         lead = indices.shape[:-1] if self.heads > 1 else indices.shape
@@ -181,7 +184,7 @@ class VectorQuantizeCodes(nn.Module):
             - x: as forward's input; indices: as forward returns them; mask: ``(b, n)``
         """
         parsed = self._parse(x)
-        check_forward_indices(self, "indices", indices, parsed.layout, parsed.batch)
+        indices = check_forward_indices(self, "indices", indices, parsed.layout, parsed.batch)
         rows = self.to_codebook_space(parsed.tokens)
         code_rows = self._indices_to_rows(indices, parsed)
         mask = token_mask(mask, None, parsed.layout, parsed.batch)

@@ -3,11 +3,10 @@ which arguments are kept as attributes or handed to the Codebook, and the checks
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .core.layout import TokenLayout
-from .core.validate import check_arguments, check_indices, check_int
+from .core.validate import check_arguments, check_code_indices, check_indices, check_int
 
 ARGUMENTS = {
     "int": {"dim": 1, "codebook_size": 1, "heads": 1, "kmeans_iters": 0},
@@ -97,10 +96,11 @@ CODEBOOK_OPTIONS = (
 )  # fmt: skip
 
 
-def check_forward_indices(vq, name: str, indices, layout: TokenLayout, b: int, *, check_values: bool = False) -> None:
-    """Indices given to forward: an integer tensor shaped as forward returns indices for this input, with
-    values in ``[0, codebook_size)`` or -1 (ignored, as at masked positions). The value check reads one
-    value on the host (skipped while compiling)."""
+def check_forward_indices(vq, name: str, indices, layout: TokenLayout, b: int) -> Tensor:
+    """Indices given to forward (``indices=``, ``forced_indices=``) or to ``update_indices``: an integer tensor
+    shaped as forward returns indices for this input, with values in ``[0, codebook_size)`` or -1 (ignored, as at
+    masked positions), checked by :func:`~.core.validate.check_code_indices` without a host synchronisation off
+    the CPU. Returns the indices to use (on that branch, a gather of them carrying the check)."""
     check_indices(name, indices)
     expected = (b, *layout.spatial) + ((vq.heads,) if vq.heads > 1 else ())
     if tuple(indices.shape) != expected:
@@ -108,12 +108,7 @@ def check_forward_indices(vq, name: str, indices, layout: TokenLayout, b: int, *
             f"{name} must have the shape of the indices forward returns for this input, {expected}, "
             f"got {tuple(indices.shape)}"
         )
-    if check_values and not torch.compiler.is_compiling():
-        if ((indices < -1) | (indices >= vq.codebook_size)).any():
-            raise ValueError(
-                f"{name} must lie in [0, codebook_size) = [0, {vq.codebook_size}) (or be -1 to be ignored), "
-                f"got values from {indices.min().item()} to {indices.max().item()}"
-            )
+    return check_code_indices(name, indices, vq.codebook_size, allow_dropped=True)
 
 
 def check_topk(vq, topk) -> int | None:

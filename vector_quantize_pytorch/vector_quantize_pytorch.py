@@ -242,9 +242,9 @@ class VectorQuantize(VectorQuantizeCodes):
             ema_update_weight=ema_update_weight, accumulate=accum_ema_update, ema_update=ema_update,
         )  # fmt: skip
         if indices is not None:
-            check_forward_indices(self, "indices", indices, parsed.layout, parsed.batch, check_values=True)
+            indices = check_forward_indices(self, "indices", indices, parsed.layout, parsed.batch)
         if forced_indices is not None:
-            check_forward_indices(self, "forced_indices", forced_indices, parsed.layout, parsed.batch)
+            forced_indices = check_forward_indices(self, "forced_indices", forced_indices, parsed.layout, parsed.batch)
 
         codebook_rows = self.to_codebook_space(parsed.tokens)
         # codebook arithmetic in float32 whatever the autocast dtype (indices must not depend on it); the

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import distributed
 from .layout import TokenLayout, parse_input
 from .tensors import as_float32
-from .validate import check_bool, check_indices, check_int
+from .validate import check_bool, check_code_indices, check_indices, check_int
 
 # layer arguments that would change a layer's token shapes (the stack feeds every layer ``(b, n, codebook_dim)``
 # tokens and stacks ``(b, n)`` indices), with the values that leave them alone
@@ -278,8 +278,8 @@ class ResidualStack(nn.Module):
         if q > self.num_quantizers:
             raise ValueError(f"indices have {q} layers, the stack has only {self.num_quantizers}")
         if q < self.num_quantizers:
-            pad = torch.full((*indices.shape[:-1], self.num_quantizers - q), -1, dtype=indices.dtype)
-            indices = torch.cat((indices, pad.to(indices.device)), dim=-1)
+            pad = indices.new_full((*indices.shape[:-1], self.num_quantizers - q), -1)  # on the device: no copy
+            indices = torch.cat((indices, pad), dim=-1)
         return indices
 
     @staticmethod
@@ -293,7 +293,8 @@ class ResidualStack(nn.Module):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Every layer's codes (in the layers' code space, before ``project_out``); index -1 (a dropped
-        layer) gives a zero code, and missing trailing layers count as dropped.
+        layer) gives a zero code, and missing trailing layers count as dropped. Any other value outside
+        ``[0, codebook_size)`` of its layer raises a ``ValueError`` naming the layer and the range.
 
         Shape:
             - indices: ``(b, ..., q')`` with ``q' <= q``, as forward returns them
@@ -306,10 +307,16 @@ class ResidualStack(nn.Module):
         out = self.project_out(self._sum_in_layer_order(self.get_codes_from_indices(indices)))
         return out.movedim(-1, 1) if channel_first else out
 
+    def _layer_codebook_sizes(self) -> tuple[int, ...]:
+        return tuple(layer.codebook_size for layer in self.layers)
+
     def _all_layer_codes(self, indices: Tensor) -> Tensor:
         """Every layer's codes for indices as forward returns them: ``(b, ..., q') -> (q, b, ..., d)``;
-        index -1 and missing trailing layers give zero codes."""
+        index -1 and missing trailing layers give zero codes; any other value outside ``[0, K)`` of its layer
+        raises a ``ValueError`` (:func:`~.validate.check_code_indices`)."""
         check_indices("indices", indices, min_ndim=2)
+        if indices.shape[-1] <= self.num_quantizers:  # more layers than the stack's: _pad_indices says so
+            indices = check_code_indices("indices", indices, self._layer_codebook_sizes(), allow_dropped=True)
         lead = indices.shape[:-1]
         codes = self._codes_from_token_indices(indices.reshape(indices.shape[0], -1, indices.shape[-1]))
         return codes.reshape(self.num_quantizers, *lead, codes.shape[-1])
