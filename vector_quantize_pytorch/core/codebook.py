@@ -32,6 +32,8 @@ without a valid row still takes part in every collective, so it never blocks the
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -227,7 +229,15 @@ class Codebook(nn.Module):
         self.cluster_size.copy_(torch.where(ok, counts, self.cluster_size))
         self.embed.copy_(torch.where(ok, self._ema_codes(), self.embed))
         self.initted.copy_(ok)
-        self._initted_on_host = bool(ok)
+        fewest_rows = total_valid.min()
+        self._initted_on_host, fewest_rows = bool(ok), int(fewest_rows)  # the one host read
+        if self._initted_on_host and fewest_rows < self.codebook_size:
+            warnings.warn(
+                f"k-means initialisation of {self.codebook_size} codes got only {fewest_rows} valid rows: codes "
+                "without a row of their own start empty and are left to dead-code replacement. Initialise on a "
+                "batch with at least codebook_size valid vectors (or use fewer codes).",
+                stacklevel=4,
+            )
 
     # ----------------------------------------------------------------- distributed state
 

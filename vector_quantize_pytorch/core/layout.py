@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .validate import check_input
+from .validate import check_input, reads_indices_on_host
 
 
 @dataclass(frozen=True)
@@ -185,12 +185,24 @@ def token_mask(mask, lens, layout: TokenLayout, batch: int) -> Tensor | None:
     if mask is not None and lens is not None:
         raise ValueError("pass either mask or lens, not both")
     if lens is not None:
-        if not isinstance(lens, Tensor) or lens.ndim != 1 or lens.shape[0] != batch:
-            raise ValueError(f"lens must be a (batch,) = ({batch},) tensor of lengths, got {_describe(lens)}")
-        return lens_to_mask(lens, n)
+        return lens_to_mask(_checked_lens(lens, batch, n), n)
     if isinstance(mask, Tensor) and mask.ndim == 1 and mask.shape[0] == batch and n != 1:
         mask = mask.unsqueeze(-1).expand(batch, n)  # whole samples
     return check_mask(layout.mask_to_tokens(mask), batch, n)
+
+
+def _checked_lens(lens, batch: int, n: int) -> Tensor:
+    """``lens``: a ``(batch,)`` integer tensor with values in ``[0, n]`` (values read only where that is free:
+    :func:`~.validate.reads_indices_on_host`)."""
+    if not isinstance(lens, Tensor) or lens.ndim != 1 or lens.shape[0] != batch:
+        raise ValueError(f"lens must be a (batch,) = ({batch},) tensor of lengths, got {_describe(lens)}")
+    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
+        raise TypeError(f"lens must be an integer tensor, got dtype {lens.dtype}")
+    if reads_indices_on_host(lens) and lens.numel() and bool(((lens < 0) | (lens > n)).any()):
+        raise ValueError(
+            f"lens must lie in [0, seq] = [0, {n}], got values from {int(lens.min())} to {int(lens.max())}"
+        )
+    return lens
 
 
 def _describe(value) -> str:
@@ -210,6 +222,8 @@ def check_mask(mask: Tensor | None, batch: int, num_tokens: int, *, name: str = 
         raise TypeError(f"{name} must be a torch.Tensor of shape (batch, seq), got {type(mask).__name__}")
     if mask.shape != (batch, num_tokens):
         raise ValueError(f"{name} must have shape (batch, seq) = {(batch, num_tokens)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and reads_indices_on_host(mask) and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must be boolean (or hold only 0 and 1), got dtype {mask.dtype} with other values")
     return mask.bool()
 
 
