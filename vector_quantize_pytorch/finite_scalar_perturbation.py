@@ -32,11 +32,13 @@ UNIFORM_STD = 1 / math.sqrt(12)
 
 
 def _tanh_cdf(z: Tensor) -> Tensor:
-    return (torch.tanh(z) + 1.0) / 2.0
+    # (tanh(z) + 1) / 2 written as sigmoid(2z): the sum cancels below zero and loses the lower tail's digits
+    return torch.sigmoid(2.0 * z)
 
 
 def _tanh_inverse_cdf(p: Tensor) -> Tensor:
-    return torch.atanh(2.0 * p - 1.0)
+    # atanh(2p - 1) as logit(p) / 2: 2p - 1 cancels for small p
+    return torch.logit(p) / 2.0
 
 
 def _normal_cdf(z: Tensor) -> Tensor:
