@@ -187,3 +187,11 @@ def test_sampled_per_sample_entropy_is_unbiased_under_a_per_sample_mask():
     )
     standard_error = draws.std() / math.sqrt(len(draws))
     assert abs(draws.mean() - exact.per_sample_entropy) < 4 * standard_error
+
+
+def test_out_of_range_indices_are_a_value_and_an_index_error():
+    """1.32 failed inside the embedding lookup with IndexError; code that catches that still catches ours."""
+    vq = vqp.VectorQuantize(dim=16, codebook_size=8)
+    for error in (ValueError, IndexError):
+        with pytest.raises(error, match=r"indices must lie in \[0, codebook_size\) = \[0, 8\)"):
+            vq.get_output_from_indices(torch.tensor([[3, 9]]))

@@ -220,7 +220,7 @@ def _raise_if_out_of_range(name: str, indices: Tensor, codebook_size: int, sizes
         if lo >= low and hi < codebook_size:
             return
         bad = [v for v in dict.fromkeys((lo, hi)) if v < low or v >= codebook_size]
-        raise ValueError(
+        raise IndexRangeError(
             f"{name} must lie in {_allowed_range(codebook_size, low < 0)}, got {' and '.join(map(str, bad))} "
             f"(values from {lo} to {hi})"
         )
@@ -228,7 +228,12 @@ def _raise_if_out_of_range(name: str, indices: Tensor, codebook_size: int, sizes
     for layer, (lo, hi, size) in enumerate(zip(lows.tolist(), highs.tolist(), sizes)):
         if lo < low or hi >= size:
             bad = [v for v in dict.fromkeys((lo, hi)) if v < low or v >= size]
-            raise ValueError(
+            raise IndexRangeError(
                 f"{name}[..., {layer}] (layer {layer}) must lie in {_allowed_range(size, low < 0)}, got "
                 f"{' and '.join(map(str, bad))} (values from {lo} to {hi}; codebook sizes {list(sizes)})"
             )
+
+
+class IndexRangeError(ValueError, IndexError):
+    """Code indices outside their codebook, where vector-quantize-pytorch 1.32 failed inside an embedding lookup
+    with ``IndexError``: both ``except ValueError`` and ``except IndexError`` catch it."""
