@@ -76,7 +76,8 @@ def test_healthy_codebook_never_warns():
     health.configure(module, warmup=10, every=10)
     assert run(module, lambda: healthy(generator=generator), steps=100) == []
     report = health.last_report(module)
-    assert report["step"] == 100 and report["relative_usage"] > 0.99 and report["tokens"] == 10 * 512
+    # one forward in DEFAULT_STRIDE (5) is counted: 2 of the window's 10
+    assert report["step"] == 100 and report["relative_usage"] > 0.95 and report["tokens"] == 2 * 512
 
 
 def test_usage_is_relative_to_the_tokens_of_one_forward():
@@ -119,6 +120,24 @@ def test_a_flat_token_mask_covers_every_codebook_of_its_token():
     assert health.last_report(module)["tokens"] == 3 * 4
 
 
+def test_only_one_forward_in_stride_is_counted(monkeypatch):
+    updates = []
+    original = CodebookUsage.update
+    monkeypatch.setattr(CodebookUsage, "update", lambda self, *a, **kw: updates.append(1) or original(self, *a, **kw))
+    module = Quantizer()
+    run(module, healthy, steps=4)
+    assert updates == [] and health._states[module].meter is None  # nothing allocated, nothing counted yet
+    run(module, healthy, steps=96)
+    assert len(updates) == 100 // health.DEFAULT_STRIDE
+
+
+def test_an_empty_batch_is_skipped():
+    module = Quantizer()
+    module(torch.zeros(0, 4, dtype=torch.long))
+    module(torch.zeros(2, 0, dtype=torch.long), mask=torch.zeros(2, 0, dtype=torch.bool))
+    assert module not in health._states
+
+
 def test_low_usage_before_the_warmup_does_not_warn():
     module = Quantizer()
     health.configure(module, warmup=50, every=10)
@@ -157,6 +176,8 @@ def test_configure_refuses_bad_values():
         health.configure(Quantizer(), threshold=1.5)
     with pytest.raises(ValueError, match="every"):
         health.configure(Quantizer(), every=0)
+    with pytest.raises(ValueError, match="stride"):
+        health.configure(Quantizer(), stride=0)
 
 
 def test_meter_is_read_once_per_window(monkeypatch):

@@ -6,9 +6,10 @@ a small MNIST autoencoder does it (a few % of its codes on the test set, ``bench
 health"): without a bound on its input the encoder grows the latents until the entropy terms saturate. This
 module turns that into one :class:`CodebookCollapseWarning` that names the remedies measured for the family.
 
-How it works. A family's training forward calls :func:`observe` with its indices. The indices are counted on
-their device by a :class:`~vector_quantize_pytorch.usage.CodebookUsage` meter (one ``index_add_``, no host
-synchronisation). Every ``every`` training forwards the meter is read once (the only host synchronisation,
+How it works. A family's training forward calls :func:`observe` with its indices. One forward in ``stride`` (5)
+has its indices counted on their device by a :class:`~vector_quantize_pytorch.usage.CodebookUsage` meter (a
+few tensor operators ending in one ``index_add_``, no host synchronisation); the others cost a Python counter.
+Every ``every`` training forwards the meter is read once (the only host synchronisation,
 amortised over ``every`` steps) and reset; from ``warmup`` forwards on, a window whose usage is under
 ``threshold`` warns, once per module, and the module stops being checked. Usage is the number of codes used in
 the window relative to what one forward could use, ``codes used / min(codebook_size, tokens per forward)``
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_WARMUP = 200
 DEFAULT_EVERY = 50
+DEFAULT_STRIDE = 5  # count the indices of one training forward in 5: a fifth of the counting cost per step
 MAX_BINS = 2**16  # larger vocabularies are hashed into this many buckets (512 KiB of int64 counters)
 
 # Remedies measured with benchmarks/codebook_health.py (MNIST autoencoder, 2^8 - 2^12 codes), by family.
@@ -104,7 +106,9 @@ class _State:
     threshold: float = DEFAULT_THRESHOLD
     warmup: int = DEFAULT_WARMUP
     every: int = DEFAULT_EVERY
+    stride: int = DEFAULT_STRIDE
     steps: int = 0
+    counted: int = 0  # forwards counted in the current window
     done: bool = False  # warned, or turned off: never counts again
     meter: object | None = field(default=None, repr=False)
     size: int = 0
@@ -121,6 +125,7 @@ def configure(
     threshold: float = DEFAULT_THRESHOLD,
     warmup: int = DEFAULT_WARMUP,
     every: int = DEFAULT_EVERY,
+    stride: int = DEFAULT_STRIDE,
 ) -> None:
     """Set the health check of one quantizer (restarts its count).
 
@@ -130,12 +135,16 @@ def configure(
         threshold: warn when a window's usage (codes used / min(codebook size, tokens per forward)) is below this.
         warmup: training forwards before the first window may warn.
         every: training forwards per window; the meter is read (one host synchronisation) once per window.
+        stride: count the indices of one training forward in ``stride`` (at most ``every``); the others cost
+            nothing but a Python counter.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if warmup < 0 or every < 1:
-        raise ValueError(f"warmup must be >= 0 and every >= 1, got warmup={warmup}, every={every}")
-    _states[module] = _State(enabled=enabled, threshold=threshold, warmup=warmup, every=every, done=not enabled)
+    if warmup < 0 or every < 1 or stride < 1:
+        raise ValueError(f"need warmup >= 0, every >= 1 and stride >= 1, got {warmup}, {every} and {stride}")
+    _states[module] = _State(
+        enabled=enabled, threshold=threshold, warmup=warmup, every=every, stride=min(stride, every), done=not enabled
+    )
 
 
 def last_report(module: nn.Module) -> dict | None:
@@ -161,14 +170,18 @@ def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor
     Called by the families' forwards; does nothing unless ``module.training``. ``-1`` (masked, dropped) indices
     and tokens where ``mask`` is False are not counted. ``mask`` holds one value per token: its elements, in
     order, are the leading entries of the indices (e.g. a ``(b * n,)`` mask for ``(b, n, codebooks)`` indices).
-    No host synchronisation except one read every ``every`` calls.
+    Only one call in ``stride`` counts (a few tensor operators, no host synchronisation); one in ``every``
+    reads the meter (one host synchronisation).
     """
-    if not (_enabled and module.training) or _tracing():
+    if not (_enabled and module.training) or _tracing() or indices.numel() == 0:
         return
     state = _states.get(module)
     if state is None:
         state = _states[module] = _State()
     if state.done:
+        return
+    state.steps += 1
+    if state.steps % state.stride:
         return
     if state.meter is None:
         from ..usage import CodebookUsage  # the package's public meter; imported late (it imports core)
@@ -180,12 +193,13 @@ def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor
         mask = mask.detach().reshape(-1, 1)
         indices = indices.reshape(mask.shape[0], -1)
     state.meter.update(indices, mask=mask)
-    state.steps += 1
+    state.counted += 1
     if state.steps % state.every:
         return
     report = state.meter.report(reset=True)
+    counted, state.counted = state.counted, 0
     used = report["usage"] * state.size
-    relative = used / max(1.0, min(state.size, report["tokens"] / state.every))
+    relative = used / max(1.0, min(state.size, report["tokens"] / max(1, counted)))
     state.last_report = {**report, "relative_usage": relative, "step": state.steps}
     if state.steps < state.warmup or report["tokens"] == 0 or relative >= state.threshold:
         return
