@@ -60,7 +60,7 @@ def test_collapsed_codebook_warns_once_after_the_warmup_naming_the_remedies():
     assert len(caught) == 1
     assert caught[0].step == 20  # the first window that may warn
     message = str(caught[0].message)
-    assert "LFQ used 1 of its 256 codes in its last 10 training forwards (up to forward 20" in message
+    assert "LFQ used 1 of its 256 codes in the 2 training forwards counted of its last 10 (up to forward 20" in message
     assert "spherical=True" in message and "soft_clamp_input_value" in message and "normalization" in message
     assert "set_health_check(False)" in message
 

@@ -207,9 +207,9 @@ def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor
     family = type(module).__name__
     remedies = REMEDIES.get(family)
     warnings.warn(
-        f"{family} used {used:.0f} of its {state.size} codes in its last {state.every} training forwards (up to "
-        f"forward {state.steps}; {100 * relative:.1f}% of min(codes, tokens per forward)): the codebook has "
-        "collapsed. "
+        f"{family} used {used:.0f} of its {state.size} codes in the {counted} training forwards counted of its "
+        f"last {state.every} (up to forward {state.steps}; {100 * relative:.1f}% of min(codes, tokens per "
+        "forward)): the codebook has collapsed. "
         + (f"Measured remedies: {remedies}. " if remedies else "")
         + "See benchmarks/README.md, 'Codebook health'. Turn this check off with "
         "vector_quantize_pytorch.core.health.set_health_check(False) or configure(module, enabled=False).",
