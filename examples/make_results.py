@@ -232,6 +232,14 @@ RENDERERS = {
 }
 
 
+def render_block(name: str, results: dict) -> str:
+    """The block's table, or a line saying which run writes it when ``results`` has no such run yet."""
+    try:
+        return RENDERERS[name](results)
+    except KeyError as missing:
+        return f"*Not generated yet: `python examples/make_results.py --runs {missing.args[0]}` writes this table.*\n"
+
+
 def rendered(text: str, results: dict) -> str:
     """``text`` with every marked block replaced by its rendering from ``results``."""
 
@@ -239,10 +247,7 @@ def rendered(text: str, results: dict) -> str:
         name = match.group(2)
         if name not in RENDERERS:
             raise KeyError(f"unknown results block {name!r}; known: {', '.join(RENDERERS)}")
-        try:
-            return match.group(1) + RENDERERS[name](results) + match.group(4)
-        except KeyError:  # a run not made yet: the block stays as it is
-            return match.group(0)
+        return match.group(1) + render_block(name, results) + match.group(4)
 
     return MARKER.sub(replace, text)
 
@@ -253,12 +258,7 @@ def stale_blocks(results: dict) -> list[str]:
     for path in READMES:
         text = path.read_text()
         for match in MARKER.finditer(text):
-            try:
-                fresh = RENDERERS[match.group(2)](results)
-            except KeyError as missing:
-                stale.append(f"{path.relative_to(REPO_ROOT)}: {match.group(2)} (no {missing} in results.json)")
-                continue
-            if match.group(3) != fresh:
+            if match.group(3) != render_block(match.group(2), results):
                 stale.append(f"{path.relative_to(REPO_ROOT)}: {match.group(2)}")
     return stale
 
