@@ -146,7 +146,7 @@ def test_latent_quantize_int_levels_without_codebook_dim_is_a_value_and_a_runtim
             vqp.LatentQuantize(levels=5, dim=16)
 
 
-def test_latent_quantize_reads_series_channel_first_when_axis_1_has_the_features():
+def test_latent_quantize_reads_series_channel_first_when_the_last_axis_lacks_the_features():
     lq = vqp.LatentQuantize(levels=[5, 5, 8], dim=16).eval()
     series = torch.randn(2, 16, 30)
     out, indices, _ = lq(series)

@@ -128,8 +128,8 @@ class LatentQuantize(nn.Module):
             ``optimize_values=True``.
 
     Shape:
-        - Input: channel-first ``(b, dim, ...)`` series, images and video (whenever axis 1 has ``dim``
-          features), else channel-last ``(b, ..., dim)`` (e.g. ``(b, n, dim)`` sequences); ``(b, dim)`` tokens.
+        - Input: channel-first images ``(b, dim, h, w)`` and video ``(b, dim, t, h, w)``; ``(b, n, dim)``
+          sequences, or ``(b, dim, n)`` series when the last axis does not have ``dim`` features; ``(b, dim)``.
         - Output: ``(out, indices, loss)``: ``out`` has the input's shape and dtype; ``indices`` are int32 of
           shape ``(b, n)``, ``(b,)``, ``(b, h, w)`` or ``(b, t, h, w)``, with a trailing ``num_codebooks``
           axis when ``keep_num_codebooks_dim``; ``loss`` is a float32 scalar.
@@ -373,8 +373,9 @@ class LatentQuantize(nn.Module):
 
     @stateful_forward  # activation checkpointing (core/recompute.py): refuses an in-place optimizer
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # features on axis 1 whenever that axis has them (image, video and (b, dim, n) series); else (b, n, dim)
-        channel_first = isinstance(z, Tensor) and z.ndim >= 3 and z.shape[1] == self.dim
+        # images and video channel-first; a 3-d input (b, n, dim) when its last axis has the features, else a
+        # (b, dim, n) series (only the last axis is compared: a dynamic sequence axis stays dynamic in export)
+        channel_first = isinstance(z, Tensor) and (z.ndim >= 4 or (z.ndim == 3 and z.shape[-1] != self.dim))
         parsed = parse_input(z, dim=self.dim, channel_first=channel_first, name="z")
         x, layout, tokens = z, parsed.layout, parsed.tokens
         # one token per row; a copy for channel-first inputs, which the loss then reuses as its target
