@@ -3,14 +3,13 @@ outputs, gradients and state updates.
 
 The tests use the "aot_eager" backend (dynamo's graph capture plus AOTAutograd, no code generation), which
 is what finds graph breaks and runs the same kernels as eager mode, so outputs must be equal, random draws
-included. One opt-in test (``VQ_TEST_INDUCTOR=1``) compiles with inductor, which needs a C++ compiler and
-takes a minute.
+included. One slow test (``python -m pytest -m slow``, which CI runs) compiles with inductor, which needs a C++
+compiler and takes a minute.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 
 import pytest
@@ -157,7 +156,7 @@ def test_dead_codes_are_replaced_inside_the_compiled_graph():
     assert (cb.embed[0, :4] > 5).all()
 
 
-@pytest.mark.skipif(not os.environ.get("VQ_TEST_INDUCTOR"), reason="slow: set VQ_TEST_INDUCTOR=1 to run")
+@pytest.mark.slow  # about a minute of C++ compilation; CI runs it with the other slow tests
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_inductor_compiles_a_vector_quantize_training_step():
     torch.manual_seed(0)

@@ -60,6 +60,9 @@ CPU_ONLY_READS = {
     "aten::one_hot": "BinaryMapper",
     # reads the quantize-dropout cutoffs to skip dropped layers only when they are on the CPU (core/residual.py)
     ": _last_layer_to_run": "quantize dropout of the residual quantizers",
+    # reads the range of given indices (forced by a beam search, or decoded) only for CPU tensors in eager mode
+    # (core/validate.reads_indices_on_host); on an accelerator the check is a gather, with nothing read
+    ": _raise_if_out_of_range": "index checks of the decoders and of forward(indices=...)",
 }
 
 

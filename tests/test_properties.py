@@ -79,6 +79,8 @@ def input_corruptions(trial: Trial):
     shape = list(x.shape)
     wider = list(shape)
     wider[trial.feature_axis] += 1
+    if len(shape) == 3 and trial.feature_axis in (-1, 2) and wider[1] == shape[-1]:
+        wider[1] += 1  # LatentQuantize reads a 3-d input whose last axis lacks the features as (b, dim, n)
     yield "feature size", trial.replace(x=randn(*wider))
     low = shape[len(shape) - trial.min_rank + 1 :] if trial.min_rank > 1 else []
     yield "rank too low", trial.replace(x=randn(*low))

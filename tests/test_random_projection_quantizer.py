@@ -1,7 +1,6 @@
 """RandomProjectionQuantizer: frozen BEST-RQ targets, equal to a brute-force cosine search, the same in every
 mode, call, process and rank."""
 
-import os
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ def brute_force_indices(rpq, x):
     return indices[..., 0] if rpq.num_codebooks == 1 else indices
 
 
-@pytest.mark.skipif(os.environ.get("VQ_SLOW_TESTS") != "1", reason="3 GB and ~15 s on 2 CPU cores; VQ_SLOW_TESTS=1")
+@pytest.mark.slow  # 3 GB and ~15 s on 2 CPU cores; CI runs it with the other slow tests
 def test_seed_example_with_its_stated_shapes():
     quantizer = RandomProjectionQuantizer(
         dim=512,  # input dimensions
