@@ -1,7 +1,6 @@
 """RandomProjectionQuantizer: frozen BEST-RQ targets, equal to a brute-force cosine search, the same in every
 mode, call, process and rank."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
