@@ -454,8 +454,9 @@ class HostReads(TorchFunctionMode):
 
     READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
     VALUE_SHAPED = {"nonzero", "argwhere", "unique", "unique_consecutive", "masked_select"}
-    # a host RNG draw on a CPU tensor (core/distributed.shared_seed), not a read of device data
-    ALLOWED_CALLERS = ("shared_seed",)
+    # a host RNG draw on a CPU tensor (core/distributed.shared_seed), not a read of device data; the range check of
+    # given indices, which reads only CPU tensors in eager mode (core/validate.reads_indices_on_host)
+    ALLOWED_CALLERS = ("shared_seed", "_raise_if_out_of_range")
     # the caller's optimiser (an in-place codebook optimiser is the user's choice; Adam keeps its step on the CPU)
     ALLOWED_FILES = ("/torch/optim/",)
 
