@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .core.autograd import CommitmentAndQuantizationLoss
 from .core.estimators import straight_through
+from .core.inplace import step_if_rows
 from .core.layout import parse_input
 from .core.linear import project
 from .core.radix import MAX_CODEBOOK_SIZE, digits_to_index, index_to_digits, radix_basis
@@ -359,15 +360,12 @@ class LatentQuantize(nn.Module):
         loss = _finite_mse(latents.detach(), chosen, finite)
         grads = torch.autograd.grad(loss, params)
         saved = [p.grad for p in params]
-        before = [p.detach().clone() for p in params]
         for p, grad in zip(params, grads):
             p.grad = grad
-        self.in_place_codebook_optimizer.step()
-        any_finite = finite.any()
-        with torch.no_grad():
-            for p, grad, old in zip(params, saved, before):
-                p.grad = grad
-                p.copy_(torch.where(any_finite, p, old))
+        # this rank's grids only (no all-reduce), and the caller's gradients are put back afterwards
+        step_if_rows(self.in_place_codebook_optimizer, params, finite.sum(), sync=False, zero_grad=False)
+        for p, grad in zip(params, saved):
+            p.grad = grad
 
     # ----- forward -----------------------------------------------------------------------------------------
 
