@@ -271,7 +271,8 @@ class VectorQuantize(VectorQuantizeCodes):
         breakdown; with ``indices`` given, what the cross-entropy path needs."""
         token_valid = None if parsed.mask is None else self.head_split.rows_of(parsed.mask)
         fixed_rows = detached(codebook_rows)  # for statistics: no gradient
-        valid = valid_rows(fixed_rows, token_valid)
+        # rows that may count in statistics and losses, which exist in training only: eval needs just the mask
+        valid = valid_rows(fixed_rows, token_valid) if self.training else token_valid
         updates_state = self.training and not freeze_codebook
         self._prepare_codebook(fixed_rows, valid, updates_state)
 
