@@ -188,19 +188,21 @@ def test_a_training_forward_does_not_synchronise_the_host(name, device):
 # quick) and LFQ (a few more entropy operators at full size); those full-size runs take seconds, too slow here.
 # The reference's counts at full size, for scale: 134, 35, 150, 1095, 1109, 121, 469, 67, 400, 119, 119, 823, 108.
 MAX_OPERATORS_ACCELERATOR = {
-    "vq_train_d256_k16384_n4096": 130,
-    "vq_encode_d128_k8192_n16384": 25,
-    "vq_train_heads_cosine": 158,
-    "rvq_train_d256_k1024_q8": 1005,
-    "grvq_train": 1023,
+    # the training counts of VectorQuantize, the residual stacks and LatentQuantize include one multiplication of a
+    # CPU scalar: the probe for activation checkpointing without checkpoint_contexts (core/recompute.py)
+    "vq_train_d256_k16384_n4096": 131,
+    "vq_encode_d128_k8192_n16384": 23,
+    "vq_train_heads_cosine": 159,
+    "rvq_train_d256_k1024_q8": 1006,
+    "grvq_train": 1025,
     "simvq_train_d256_k4096": 95,
     "rsimvq_train": 371,
     "fsq_train": 52,
     "rfsq_train": 309,
-    "lfq_train_16bit": 134,
+    "lfq_train_16bit": 133,
     "lfq_train_18bit": 141,
     "rlfq_train": 1022,
-    "latentq_train": 107,
+    "latentq_train": 108,
 }  # not rpq_encode (13 operators): building its 16 projections at the quick sizes alone takes seconds
 
 

@@ -256,7 +256,7 @@ def test_the_final_score_search_reads_nothing_on_the_host(method):
 # ---------------------------------------------------------------- selection helpers
 
 
-@pytest.mark.parametrize("parts, width, k", itertools.product((1, 3), (5, 40, 100, 256, 1000), (1, 4, 6)))
+@pytest.mark.parametrize("parts, width, k", list(itertools.product((1, 3), (5, 40, 100, 256, 1000), (1, 4, 6))))
 def test_shortlist_is_a_stable_sort_of_the_offset_values(parts, width, k):
     k = min(k, parts * width)
     g = torch.Generator().manual_seed(parts * width + k)

@@ -8,7 +8,6 @@ import functools
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import vector_quantize_pytorch as vqp
 from vector_quantize_pytorch.core import recompute
@@ -122,20 +121,65 @@ def test_checkpointed_training_equals_the_plain_run(family):
     assert_identical(train(make), train(make, checkpointed=with_context))
 
 
-def test_the_reference_bug_plain_checkpoint_updates_twice():
+def test_the_reference_bug_plain_checkpoint_updates_twice_and_warns():
     """Without the context the recompute updates the EMA statistics a second time (what the issue measured):
-    this is what the tests above would catch."""
+    this is what the tests above would catch. It is not silent: the forward warns, naming the fix."""
     make = FAMILIES["vq_ema"]
     plain = lambda model, x: torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
-    (_, expected, _), (_, twice, _) = train(make, steps=1), train(make, steps=1, checkpointed=plain)
+    _, expected, _ = train(make, steps=1)
+    with pytest.warns(UserWarning, match="context_fn=vector_quantize_pytorch.checkpoint_contexts"):
+        _, twice, _ = train(make, steps=1, checkpointed=plain)
     key = "quantizer._codebook.cluster_size"
     assert not torch.equal(expected[key], twice[key])
+
+
+def test_the_saved_tensor_hooks_probe():
+    assert not recompute.saved_tensor_hooks_active()
+    seen = []
+
+    def block(x):
+        seen.append(recompute.saved_tensor_hooks_active())
+        return x.sin().sum()
+
+    x = torch.randn(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).backward()
+    assert seen == [True, True]  # the forward and the recompute
+    with torch.autograd.graph.save_on_cpu():
+        assert recompute.saved_tensor_hooks_active()
+    with torch.autograd.graph.disable_saved_tensors_hooks("an outer disable"):
+        assert not recompute.saved_tensor_hooks_active()  # the probe restores the caller's setting
+    assert not recompute.saved_tensor_hooks_active()
+
+
+@pytest.mark.parametrize("family", ["vq_ema", "residual_vq_dropout", "latent_quantize"])
+def test_only_a_state_changing_forward_under_hooks_without_the_context_warns_and_only_once(family, recwarn):
+    quantizer = FAMILIES[family]().quantizer
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    plain = lambda: torch.utils.checkpoint.checkpoint(lambda t: quantizer(t)[0], x, use_reentrant=False)
+    quantizer(x)  # training, no hooks
+    vqp.checkpoint(lambda t: quantizer(t)[0], x).sum().backward()  # our context
+    quantizer.eval()
+    plain().sum()  # eval changes nothing
+    quantizer.train()
+    with torch.no_grad():
+        quantizer(x)
+    assert not [w for w in recwarn if "checkpoint_contexts" in str(w.message)]
+    with pytest.warns(UserWarning, match=f"^{type(quantizer).__name__} changes its state") as caught:
+        plain().sum().backward()
+        plain().sum().backward()
+    assert sum("checkpoint_contexts" in str(w.message) for w in caught) == 1
+    assert caught[0].filename == __file__  # points at the caller of the quantizer
 
 
 def test_the_checkpoint_helper_and_a_combined_selective_policy():
     make = FAMILIES["vq_kmeans_dead_codes"]
     expected = train(make)
     assert_identical(expected, train(make, checkpointed=lambda m, x: vqp.checkpoint(m, x)))
+
+    if not hasattr(torch.utils.checkpoint, "CheckpointPolicy"):
+        pytest.skip("selective activation checkpointing (CheckpointPolicy) needs torch 2.4 or later")
+    CheckpointPolicy = torch.utils.checkpoint.CheckpointPolicy
+    create_selective_checkpoint_contexts = torch.utils.checkpoint.create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE

@@ -30,7 +30,11 @@ graph is freed, and one more copy during the recompute. Distributed quantizers r
 the recompute (every rank recomputes the same calls, so they match).
 
 Not covered: a plain ``checkpoint`` call without this ``context_fn`` (torch offers no public way to tell a
-recompute from a forward then: the quantizer then updates twice); quantizers with an
+recompute from a forward then: the quantizer then updates twice). It is not silent: a training forward that
+changes state checks whether saved-tensor hooks are active (non-reentrant checkpointing installs them; the probe
+is one operator on a CPU scalar, see :func:`saved_tensor_hooks_active`) and, outside ``checkpoint_contexts``,
+warns once per module. ``torch.autograd.graph.save_on_cpu`` and other offloading hooks trigger the same warning
+(they recompute nothing; filter it). Also not covered: quantizers with an
 in-place codebook optimizer (its state lives in the optimizer: refused with a ``ValueError``); ``torch.compile``
 of the checkpointed function (``context_fn`` must then return ``TorchDispatchMode`` objects; the wrapper
 passes through while compiling).
@@ -39,6 +43,8 @@ passes through while compiling).
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from contextlib import nullcontext
 from contextvars import ContextVar
 from typing import Callable
@@ -52,6 +58,9 @@ _PHASE: ContextVar[tuple[_Frame, str] | None] = ContextVar("vector_quantize_pyto
 _INSIDE: ContextVar[bool] = ContextVar("vector_quantize_pytorch_inside_stateful_call", default=False)
 
 _SCALARS = (bool, int, float, type(None))
+_PROBE_MESSAGE = "vector_quantize_pytorch: probing for active saved-tensor hooks"
+_PROBE: torch.Tensor | None = None  # the CPU scalar saved_tensor_hooks_active multiplies (made on first use)
+_WARNED: weakref.WeakSet = weakref.WeakSet()  # modules already warned about a checkpoint without our context
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # torch's own attributes of every module: never touched
 
 
@@ -183,21 +192,62 @@ def checkpoint(function: Callable, *args, context_fn: Callable | None = None, **
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
+def saved_tensor_hooks_active() -> bool:
+    """True while saved-tensor hooks are active, as they are in a non-reentrant checkpoint's forward and recompute.
+
+    The documented contract of ``torch.autograd.graph.disable_saved_tensors_hooks``: inside it, saving a tensor
+    for backward through an active hook raises ``RuntimeError`` with the given message. The probe saves a CPU
+    scalar (a multiplication that records its operands), so it launches nothing on an accelerator."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = torch.ones((), requires_grad=True)
+    probe = _PROBE
+    try:
+        with torch.autograd.graph.disable_saved_tensors_hooks(_PROBE_MESSAGE):
+            probe.mul(probe)
+    except RuntimeError as error:
+        if _PROBE_MESSAGE in str(error):
+            return True
+        raise
+    return False
+
+
+def _warn_if_checkpointed_without_context(module: nn.Module) -> None:
+    """Warn once per module when its state-changing forward runs under checkpointing without our context."""
+    if module in _WARNED or not torch.is_grad_enabled() or not saved_tensor_hooks_active():
+        return
+    _WARNED.add(module)
+    warnings.warn(
+        f"{type(module).__name__} changes its state in this training forward, which runs under saved-tensor hooks "
+        "(activation checkpointing?) without vector_quantize_pytorch.checkpoint_contexts: a checkpoint's "
+        "recomputation would update the state a second time and quantize against the updated codebook. Pass "
+        "context_fn=vector_quantize_pytorch.checkpoint_contexts to torch.utils.checkpoint.checkpoint, or call "
+        "vector_quantize_pytorch.checkpoint (ignore this for offloading hooks such as save_on_cpu)",
+        UserWarning,
+        stacklevel=5,  # the caller of the module: warn, this function, the wrapper, Module._call_impl, __call__
+    )
+
+
 def stateful_forward(forward: Callable) -> Callable:
     """Decorate the ``forward`` of a module whose training forward changes its state (see the module docstring).
 
-    Outside :func:`checkpoint_contexts`, in eval mode and while compiling, it calls ``forward`` unchanged."""
+    Outside :func:`checkpoint_contexts`, in eval mode and while compiling, it calls ``forward`` unchanged (outside
+    the contexts, a training forward under saved-tensor hooks warns once: see the module docstring)."""
 
     @functools.wraps(forward)
     def wrapper(module: nn.Module, *args, **kwargs):
         if torch.compiler.is_compiling():
             return forward(module, *args, **kwargs)
         phase = _PHASE.get()
-        if phase is None or not module.training or _INSIDE.get():
+        if not module.training or _INSIDE.get():
             return forward(module, *args, **kwargs)
-        frame, name = phase
+        if phase is None:
+            _warn_if_checkpointed_without_context(module)
         token = _INSIDE.set(True)
         try:
+            if phase is None:
+                return forward(module, *args, **kwargs)
+            frame, name = phase
             if name == "forward":
                 frame.record(module)
                 return forward(module, *args, **kwargs)
@@ -208,4 +258,4 @@ def stateful_forward(forward: Callable) -> Callable:
     return wrapper
 
 
-__all__ = ["checkpoint", "checkpoint_contexts", "is_recompute", "stateful_forward"]
+__all__ = ["checkpoint", "checkpoint_contexts", "is_recompute", "saved_tensor_hooks_active", "stateful_forward"]
