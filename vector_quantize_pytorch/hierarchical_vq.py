@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .core import distributed
 from .core.layout import lens_to_mask
+from .core.tracing import is_exporting
 from .core.validate import check_bool, check_code_indices, check_float, check_input, check_int, check_int_sequence
 from .vector_quantize_pytorch import VectorQuantize
 
@@ -229,7 +230,7 @@ class HierarchicalVQ(nn.Module):
 
     def upsample_to_full(self, q: Tensor, full_shape: tuple[int, ...], level_index: int) -> Tensor:
         """Interpolate a level's codes ``(b, c, *level_shape)`` to ``full_shape`` and apply its ``phi``."""
-        if torch.compiler.is_exporting() or tuple(q.shape[2:]) != tuple(full_shape):  # exported: any size
+        if is_exporting() or tuple(q.shape[2:]) != tuple(full_shape):  # exported: any size
             q = F.interpolate(q, size=full_shape, mode=_INTERPOLATION[self.spatial_dims], align_corners=False)
         return self.choose_phi(level_index)(q)
 

@@ -45,8 +45,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
+
+from .tracing import is_capturing
 
 # Threshold from benchmarks/codebook_health.py, where a window counts 10 forwards of 6,272 tokens: the collapsed
 # windows of LFQ (1024 codes) and SimVQ (4096) used 7.8% and 1.2% of their codes; the healthy window with the
@@ -156,16 +157,6 @@ def last_report(module: nn.Module) -> dict | None:
     return None if state is None else state.last_report
 
 
-def _tracing() -> bool:
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return (
-        torch.compiler.is_compiling()
-        or (exporting is not None and exporting())
-        or torch.jit.is_scripting()
-        or torch.jit.is_tracing()
-    )
-
-
 def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor | None = None) -> None:
     """Count one training forward's ``indices`` (codebooks pooled) and warn once if the codebook has collapsed.
 
@@ -175,7 +166,7 @@ def observe(module: nn.Module, indices: Tensor, codebook_size: int, mask: Tensor
     Only one call in ``stride`` counts (a few tensor operators, no host synchronisation); one in ``every``
     reads the meter (one host synchronisation).
     """
-    if not (_enabled and module.training) or _tracing() or indices.numel() == 0:
+    if not (_enabled and module.training) or is_capturing() or indices.numel() == 0:
         return
     state = _states.get(module)
     if state is None:

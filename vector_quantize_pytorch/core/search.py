@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .policy import chunk_policy
+from .tracing import is_exporting
 
 # Codes are split into chunks only when fewer tokens than this would fit beside all of them: taller chunks
 # keep the matrix products efficient (256 to 512 was fastest with 2^16 and 2^18 codes).
@@ -159,7 +160,7 @@ def nearest_codes(
     policy = chunk_policy(x.device)
     bias = None if cosine else _score_bias(codes, code_sq_norms)
     budget = max(1, (max_scores or policy.search_scores) // c)
-    exporting = torch.compiler.is_exporting()  # a program for any number of tokens: chunk the codes only
+    exporting = is_exporting()  # a program for any number of tokens: chunk the codes only
     token_chunk, code_chunk = chunk_sizes(1 if exporting else num_tokens, num_codes, budget)
     token_chunk = num_tokens if exporting else token_chunk
     if token_chunk >= num_tokens and code_chunk >= num_codes:  # one chunk: no buffer to reuse

@@ -9,6 +9,8 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
+from .tracing import is_capturing
+
 
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -142,7 +144,7 @@ def reads_indices_on_host(indices: Tensor) -> bool:
     device branch on the CPU."""
     if indices.device.type != "cpu":
         return False
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+    return not is_capturing()
 
 
 def _allowed_range(size: int, allow_dropped: bool) -> str:
