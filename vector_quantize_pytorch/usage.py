@@ -127,7 +127,7 @@ class CodebookUsage:
     @torch.no_grad()
     def update(self, indices: Tensor, mask: Tensor | None = None) -> None:
         """Count ``indices`` (on their device, with no host synchronisation)."""
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
         k = len(self.codebooks)
         if indices.ndim < k:

@@ -18,7 +18,8 @@ from torch import Tensor
 from .validate import check_input, reads_indices_on_host
 
 
-@dataclass(frozen=True)
+# not frozen: torch.compile of torch 2.3 cannot build a frozen dataclass inside a graph (a plain one it can)
+@dataclass
 class TokenLayout:
     """How one input tensor maps to ``(b, n, d)`` tokens.
 
@@ -90,7 +91,7 @@ class TokenLayout:
         return mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, as TokenLayout
 class TokenInput:
     """A quantizer's input parsed once: how to restore its layout, its tokens and which tokens count.
 

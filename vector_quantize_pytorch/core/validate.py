@@ -101,7 +101,7 @@ def check_feature_size(name: str, x: Tensor, axis: int, expected: int, layout: s
 
 def check_indices(name: str, indices, *, min_ndim: int = 1) -> Tensor:
     """Code indices handed to a decoder: an integer tensor (floating point, complex and bool refused)."""
-    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex():
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype.is_complex:
         raise TypeError(f"{name} must be an integer torch.Tensor, got {getattr(indices, 'dtype', type(indices))}")
     if indices.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer torch.Tensor, got dtype {indices.dtype}")
