@@ -25,6 +25,15 @@ from op_counts import count_operators, count_workload, is_top_level, profile_cal
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The pins and the attribution of CPU-only reads to Python frames were read off the profiler of torch 2.13 (what
+# .ci/run installs). Older profilers report view internals (aten::as_strided) as top-level operators and leave
+# Python frames unnamed, so their counts are not comparable.
+PROFILER_OF_THE_PINS = (2, 13)
+OLDER_PROFILER = pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split(".")[:2]) < PROFILER_OF_THE_PINS,
+    reason="operator counts and frame names are those of torch 2.13's profiler; this torch reports them differently",
+)
+
 # Operators that make the host wait for the device: reading a value (``.item()``, ``bool(t)``, ``int(t)``,
 # ``torch.equal``) or computing an output whose shape depends on the values (boolean indexing, ``nonzero``,
 # ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``, ``histc`` without bounds). Every
@@ -156,6 +165,7 @@ def test_every_public_quantizer_has_a_sync_case():
     assert {cls.__name__ for cls in vqp.QUANTIZERS} <= covered
 
 
+@OLDER_PROFILER
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sync_case_params())
 def test_a_training_forward_does_not_synchronise_the_host(name, device):
@@ -206,6 +216,7 @@ MAX_OPERATORS_ACCELERATOR = {
 }  # not rpq_encode (13 operators): building its 16 projections at the quick sizes alone takes seconds
 
 
+@OLDER_PROFILER
 @pytest.mark.parametrize("workload", list(MAX_OPERATORS_ACCELERATOR))
 def test_operator_count_does_not_creep_up(workload):
     counts = count_workload(workload, policy="accelerator", quick=True)

@@ -433,8 +433,9 @@ def test_orthogonal_reg_all_codes_equals_formula():
     assert isinstance(vq._codebook.embed, nn.Parameter)
     _, _, loss, parts = vq(torch.randn(2, 5, 4), return_loss_breakdown=True)
     expected = independent_orthogonal(vq.codebook.detach())
-    torch.testing.assert_close(parts.orthogonal_reg.double(), expected)
-    torch.testing.assert_close(loss.double(), 3.0 * expected)
+    # float32 against float64: a relative 1e-6 covers the summation orders of every supported torch
+    torch.testing.assert_close(parts.orthogonal_reg.double(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.double(), 3.0 * expected, rtol=1e-6, atol=1e-7)
     loss.backward()
     assert torch.isfinite(vq._codebook.embed.grad).all() and vq._codebook.embed.grad.abs().sum() > 0
 
@@ -802,7 +803,8 @@ def test_dead_codes_are_replaced_during_training(kwargs):
     for h in range(heads):
         counts = torch.bincount(idx[h], minlength=16)
         assert (counts == 0).any() and (counts == 1).any(), "the batch must leave codes unused and use one once"
-        matched = torch.cdist(embed[h], rows[h]).min(dim=-1)
+        # exact differences: the matrix-product form of cdist is off by about sqrt(eps) for coinciding points
+        matched = torch.cdist(embed[h], rows[h], compute_mode="donot_use_mm_for_euclid_dist").min(dim=-1)
         replaced = matched.values < 1e-6
         assert torch.equal(replaced, counts == 0), (h, counts, matched.values)
         chosen = matched.indices[replaced]
