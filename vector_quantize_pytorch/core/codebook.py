@@ -395,16 +395,13 @@ class Codebook(nn.Module):
             valid = valid_rows(rows, None)
         d = rows.shape[-1]
         expired = self.cluster_size < self.threshold_ema_dead_code
-        num_dead = expired.sum(dim=-1, keepdim=True)
-        code_order = (~expired).to(torch.uint8).argsort(dim=-1, stable=True)  # dead codes first, by index
+        dead_rank = expired.cumsum(dim=-1) - 1  # a dead code's place among the dead codes, in index order
 
         rows, num_valid = random_valid_rows(rows, valid, self.codebook_size, seed, sync=self.sync_codebook)
         if self.use_cosine_sim:
             rows = F.normalize(rows, dim=-1)
-        slot = torch.arange(self.codebook_size, device=rows.device).unsqueeze(0)
-        active = (slot < num_dead) & (slot < num_valid)  # (c, K), in code_order
-        replace = torch.zeros_like(expired).scatter(1, code_order, active)
-        new_codes = self.embed.detach().scatter(1, code_order.unsqueeze(-1).expand(-1, -1, d), rows)
+        replace = expired & (dead_rank < num_valid)  # (c, K): the r-th dead code takes the r-th random row
+        new_codes = rows.gather(1, dead_rank.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))
 
         self.embed.copy_(torch.where(replace.unsqueeze(-1), new_codes, self.embed))
         self.cluster_size.masked_fill_(replace, self.reset_cluster_size)
