@@ -1,19 +1,19 @@
 """RandomProjectionQuantizer: frozen BEST-RQ targets, equal to a brute-force cosine search, the same in every
 mode, call, process and rank."""
 
-import datetime
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vector_quantize_pytorch import RandomProjectionQuantizer
 
-COLLECTIVE_TIMEOUT_S = 60  # a collective waiting longer raises: a deadlock fails, never hangs
-SPAWN_DEADLINE_S = 240
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+
+import gloo  # noqa: E402  (tests/distributed/gloo.py: a group that cannot hang)
 
 
 def brute_force_logits(rpq, x):
@@ -214,13 +214,7 @@ def _worker(rank, world_size, out_dir):
     state_before = {k: v.clone() for k, v in lazy.state_dict().items()}
     local_indices = lazy(x)
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out_dir}/rendezvous",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+    gloo.init_group(rank, world_size, out_dir)
     try:
         synced_indices = lazy(x)  # the first call in the group broadcasts rank 0's state
         torch.manual_seed(200 + rank)
@@ -245,13 +239,7 @@ def _worker(rank, world_size, out_dir):
 
 
 def test_every_rank_and_every_fresh_process_gets_the_same_codebooks_and_indices(tmp_path):
-    context = mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2 processes did not finish within {SPAWN_DEADLINE_S} s (deadlock?)")
+    gloo.run_processes(_worker, (2, str(tmp_path)), 2)
     r0, r1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
 
     assert torch.equal(r0["same_seed_indices"], r1["same_seed_indices"])

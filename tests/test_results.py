@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
@@ -83,7 +84,13 @@ def test_a_changed_figure_is_found(results):
 
 @pytest.mark.slow
 def test_main_example_default_run_prints_the_results_line(tmp_path, results):
-    """``python examples/autoencoder.py`` (seed 0, 1200 steps, one thread) prints exactly the recorded line."""
+    """``python examples/autoencoder.py`` (seed 0, 1200 steps, one thread) prints exactly the recorded line.
+
+    Exactly on the torch release that recorded it: another release sums in other orders, and 1200 steps of
+    training amplify that (torch 2.3.1 prints perplexity 62.8 where 2.13 prints 63.5)."""
+    recorded = results["environment"]["torch"].split("+")[0]
+    if torch.__version__.split("+")[0] != recorded:
+        pytest.skip(f"results.json was recorded with torch {recorded}; this is torch {torch.__version__}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     args = [sys.executable, str(EXAMPLES / "autoencoder.py"), "--out", str(tmp_path)]
     result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -7,38 +7,25 @@ process group has a short timeout and the whole spawn a deadline, so a deadlock 
 
 from __future__ import annotations
 
-import datetime
 import gc
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gloo  # noqa: E402
 import scenarios  # noqa: E402
-
-COLLECTIVE_TIMEOUT_S = 60  # a collective waiting longer than this raises (a deadlock fails, never hangs)
-SPAWN_DEADLINE_S = 240
 
 
 def _worker(rank: int, world_size: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     models = {name: scenarios.build(s, rank) for name, s in scenarios.SCENARIOS.items()}  # before the group
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out_dir}/rendezvous",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+    gloo.init_group(rank, world_size, out_dir)
     results = {}
     try:
         for name, scenario in scenarios.SCENARIOS.items():
@@ -59,15 +46,7 @@ def _worker(rank: int, world_size: int, out_dir: str) -> None:
 
 def spawn(world_size: int, out_dir: Path) -> list[dict]:
     """Run every scenario in ``world_size`` processes; rank r's results, in rank order."""
-    context = mp.start_processes(
-        _worker, args=(world_size, str(out_dir)), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} processes did not finish within {SPAWN_DEADLINE_S} s (deadlock?)")
+    gloo.run_processes(_worker, (world_size, str(out_dir)), world_size)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
 
 

@@ -8,16 +8,14 @@ tokens per image -> quantizer -> decoder, trained with SGD on reconstruction plu
 
 from __future__ import annotations
 
-import datetime
 import gc
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gloo  # tests/distributed/gloo.py, beside this file (on the path of the tests that import this module)
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,7 +25,6 @@ DIM = 8
 GLOBAL_BATCH = 6  # images per step, split evenly over 1, 2 or 3 ranks
 STEPS = 5
 LR = 0.1
-COLLECTIVE_TIMEOUT_S = 60
 SPAWN_DEADLINE_S = 420
 
 
@@ -259,15 +256,7 @@ def dcp_load(family: str, directory: Path, world_size: int, rank: int | None, sh
 
 
 def _worker(rank: int, world_size: int, out_dir: str, checkpoint_dir: str, save: bool) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out_dir}/rendezvous",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+    gloo.init_group(rank, world_size, out_dir)
     results, timings = {}, {}
     try:
         for run in RUNS:
@@ -297,19 +286,7 @@ def _worker(rank: int, world_size: int, out_dir: str, checkpoint_dir: str, save:
 def spawn(world_size: int, out_dir: Path, checkpoint_dir: Path, save: bool) -> list[dict]:
     """Every run in ``world_size`` gloo processes; rank r's results in rank order. ``save``: the ranks write
     the DCP checkpoints into ``checkpoint_dir``; otherwise they load them from there."""
-    context = mp.start_processes(
-        _worker,
-        args=(world_size, str(out_dir), str(checkpoint_dir), save),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"{world_size} processes did not finish within {SPAWN_DEADLINE_S} s (deadlock?)")
+    gloo.run_processes(_worker, (world_size, str(out_dir), str(checkpoint_dir), save), world_size, SPAWN_DEADLINE_S)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
