@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch_release import needs_torch
 
 import vector_quantize_pytorch as vqp
 
@@ -28,11 +29,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The pins and the attribution of CPU-only reads to Python frames were read off the profiler of torch 2.13 (what
 # .ci/run installs). Older profilers report view internals (aten::as_strided) as top-level operators and leave
 # Python frames unnamed, so their counts are not comparable.
-PROFILER_OF_THE_PINS = (2, 13)
-OLDER_PROFILER = pytest.mark.skipif(
-    tuple(int(part) for part in torch.__version__.split(".")[:2]) < PROFILER_OF_THE_PINS,
-    reason="operator counts and frame names are those of torch 2.13's profiler; this torch reports them differently",
-)
+OLDER_PROFILER = needs_torch((2, 13), "operator counts and frame names as torch 2.13's profiler reports them")
 
 # Operators that make the host wait for the device: reading a value (``.item()``, ``bool(t)``, ``int(t)``,
 # ``torch.equal``) or computing an output whose shape depends on the values (boolean indexing, ``nonzero``,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from torch_release import TORCH_RELEASE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -41,7 +41,6 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 
 # what a block uses -> the torch release the README documents it from (said beside the block)
 NEEDS_TORCH = {"fully_shard": (2, 6), "torch.export": (2, 6)}
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 def starts_a_process_group(block: str) -> bool:
@@ -74,7 +73,7 @@ def run_in_fresh_interpreter(block: str, directory: Path) -> None:
 def test_readme_block_runs(index, tmp_path):
     block = BLOCKS[index]
     for name, release in NEEDS_TORCH.items():
-        if name in block and TORCH_VERSION < release:
+        if name in block and TORCH_RELEASE < release:
             pytest.skip(f"block {index} uses {name}, documented from torch {release[0]}.{release[1]}")
     if starts_a_process_group(block):
         run_in_fresh_interpreter(block, tmp_path)

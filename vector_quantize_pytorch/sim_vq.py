@@ -130,9 +130,12 @@ class SimVQ(nn.Module):
         """
         frozen = self.frozen_codebook
         # a mixed-precision engine (FSDP's param_dtype) may have cast the transform's parameters, not the buffer
-        weight = next((p for p in self.code_transform.parameters() if p.is_floating_point()), None)
-        if weight is not None and weight.dtype != frozen.dtype:
-            frozen = frozen.to(weight.dtype)
+        # (a loop, not next() over a generator with a default, which torch.compile of torch 2.6 cannot trace)
+        for weight in self.code_transform.parameters():
+            if weight.is_floating_point():
+                if weight.dtype != frozen.dtype:
+                    frozen = frozen.to(weight.dtype)
+                break
         with torch.autocast(self.frozen_codebook.device.type, enabled=False):
             codes = self.code_transform(frozen)
         if not isinstance(codes, Tensor) or codes.shape != (self.codebook_size, self.dim):
