@@ -61,9 +61,10 @@ def test_results_json_has_every_example_run(results):
     assert results["torchrun"]["command"] == make_results.TORCHRUN
 
 
-@pytest.mark.xfail(strict=False, reason="compare.py's default run being regenerated (make_results.py --runs compare)")
 def test_results_json_has_the_comparison(results):
     assert results["compare"]["settings"]["command"] == "python examples/compare.py --threads 1"
+    rows = results["compare"]["results"]
+    assert {(row["quantizer"], row["codebook_size"]) for row in rows} >= {("fsq", 1000), ("vq-ste", 4096)}
 
 
 @pytest.mark.parametrize("script", sorted(make_results.SCRIPTS))
