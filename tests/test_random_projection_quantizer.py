@@ -221,9 +221,9 @@ def _worker(rank, world_size, out_dir):
         explicit = RandomProjectionQuantizer(**CONFIG)
         explicit.sync_buffers_()
         explicit_state = explicit.state_dict()
-        dist.barrier()  # no rank tears the group down while the other still uses it (gloo hangs in torch 2.3)
+        dist.barrier()  # no rank tears the group down while the other still uses it
     finally:
-        dist.destroy_process_group()
+        gloo.close_group()
 
     torch.save(
         dict(

@@ -7,7 +7,6 @@ process group has a short timeout and the whole spawn a deadline, so a deadlock 
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -37,11 +36,8 @@ def _worker(rank: int, world_size: int, out_dir: str) -> None:
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
-        # DDP's hooks keep the process group alive; if it is only freed during interpreter shutdown, its gloo
-        # threads abort the process ("terminate called without an active exception"), so free it now
         models.clear()
-        gc.collect()
-        dist.destroy_process_group()
+        gloo.close_group()
 
 
 def spawn(world_size: int, out_dir: Path) -> list[dict]:

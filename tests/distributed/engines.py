@@ -8,7 +8,6 @@ tokens per image -> quantizer -> decoder, trained with SGD on reconstruction plu
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,8 +278,7 @@ def _worker(rank: int, world_size: int, out_dir: str, checkpoint_dir: str, save:
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
-        gc.collect()
-        dist.destroy_process_group()
+        gloo.close_group()
 
 
 def spawn(world_size: int, out_dir: Path, checkpoint_dir: Path, save: bool) -> list[dict]:

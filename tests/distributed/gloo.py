@@ -7,6 +7,7 @@ Every collective of a group made by :func:`init_group` raises after ``COLLECTIVE
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 from typing import Callable
@@ -30,6 +31,18 @@ def init_group(rank: int, world_size: int, out_dir: str) -> None:
         world_size=world_size,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+
+
+def close_group() -> None:
+    """Free this process's group, after every rank is done with it (call it in a ``finally``).
+
+    Freeing the group also frees what still refers to it (DDP's hooks: if that waited for interpreter shutdown,
+    gloo's threads would abort the process). The short sleep lets gloo's worker thread finish freeing the
+    last collective first: torch 2.3 deadlocks when ``~ProcessGroupGloo`` joins that thread while holding the
+    GIL and the thread needs the GIL to free the collective's tensors (seen with py-spy, one run in a few)."""
+    gc.collect()
+    time.sleep(0.2)  # releases the GIL
+    dist.destroy_process_group()
 
 
 def run_processes(worker: Callable, args: tuple, nprocs: int, deadline_s: float = SPAWN_DEADLINE_S) -> None:
