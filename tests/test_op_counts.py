@@ -196,12 +196,13 @@ def test_a_training_forward_does_not_synchronise_the_host(name, device):
 # The reference's counts at full size, for scale: 134, 35, 150, 1095, 1109, 121, 469, 67, 400, 119, 119, 823, 108.
 MAX_OPERATORS_ACCELERATOR = {
     # the training counts of VectorQuantize, the residual stacks and LatentQuantize include one multiplication of a
-    # CPU scalar: the probe for activation checkpointing without checkpoint_contexts (core/recompute.py)
-    "vq_train_d256_k16384_n4096": 131,
+    # CPU scalar, the probe for activation checkpointing without checkpoint_contexts (core/recompute.py), and
+    # those of EMA codebooks two flushes of subnormal statistics per update (core/tensors.flush_subnormal_)
+    "vq_train_d256_k16384_n4096": 133,
     "vq_encode_d128_k8192_n16384": 23,
-    "vq_train_heads_cosine": 159,
-    "rvq_train_d256_k1024_q8": 1006,
-    "grvq_train": 1025,
+    "vq_train_heads_cosine": 161,
+    "rvq_train_d256_k1024_q8": 1022,
+    "grvq_train": 1041,
     "simvq_train_d256_k4096": 95,
     "rsimvq_train": 371,
     "fsq_train": 52,

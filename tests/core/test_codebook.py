@@ -68,6 +68,24 @@ def test_ema_update_equals_hand_written_formula():
     assert_state(cb, n2, m2, embed2)
 
 
+def test_statistics_of_an_unused_code_reach_zero_instead_of_sticking_at_a_subnormal_number():
+    """With decay 0.8 the product of the smallest subnormal float and 0.8 rounds back up to it: without the flush
+    an unused code's count and sums would stay subnormal for good (slow CPU arithmetic on every later step)."""
+    tiny = torch.finfo(torch.float32).tiny
+    smallest = torch.tensor(1.4e-45)
+    assert smallest > 0 and smallest * 0.8 == smallest  # the fixed point the flush avoids
+    cb = Codebook(2, 3, decay=0.8, eps=EPS)
+    cb.cluster_size.copy_(torch.tensor([[1.0, tiny * 1.1, 1.0]]))
+    cb.embed_avg.copy_(torch.tensor([[[1.0, 1.0], [tiny * 1.1, -tiny * 1.1], [1.0, tiny * 1.1]]]))
+    rows = torch.tensor([[[1.0, 2.0], [3.0, 1.0]]])
+    cb.update_(rows, torch.tensor([[0, 0]]), valid_rows(rows, None))  # codes 1 and 2 unused
+    assert cb.cluster_size[0, 1] == 0 and (cb.embed_avg[0, 1] == 0).all()  # 0.88 tiny: flushed
+    assert cb.embed_avg[0, 2, 1] == 0  # one element of a code whose count is still normal
+    torch.testing.assert_close(cb.cluster_size[0], torch.tensor([0.8 + 0.2 * 2, 0.0, 0.8]))
+    torch.testing.assert_close(cb.embed_avg[0, 0], torch.tensor([0.8 + 0.2 * 4, 0.8 + 0.2 * 3]))
+    assert cb.embed_avg[0, 2, 0] == torch.tensor(0.8)  # normal numbers take the plain EMA step
+
+
 def test_masked_and_nan_rows_are_excluded_from_the_statistics():
     cb = small_codebook()
     n, m, embed = hand_ema(cb.cluster_size[0].tolist(), cb.embed_avg[0].tolist(), ROWS, INDICES)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .kmeans import cluster_statistics, kmeans, random_valid_rows
+from .tensors import flush_subnormal_
 
 
 def laplace_smoothed(counts: Tensor, eps: float) -> Tensor:
@@ -370,6 +371,8 @@ class Codebook(nn.Module):
         rate = (1.0 - self.decay) * self._ema_weight(weight, sums, counts) * has_rows.to(counts.dtype)
         self.cluster_size.lerp_(counts, rate)
         self.embed_avg.lerp_(sums, rate.unsqueeze(-1))
+        flush_subnormal_(self.cluster_size)  # an unused code's statistics would stop at a slow subnormal number
+        flush_subnormal_(self.embed_avg)
         return has_rows
 
     # ----------------------------------------------------------------- dead codes
