@@ -59,7 +59,9 @@ _INSIDE: ContextVar[bool] = ContextVar("vector_quantize_pytorch_inside_stateful_
 
 _SCALARS = (bool, int, float, type(None))
 _PROBE_MESSAGE = "vector_quantize_pytorch: probing for active saved-tensor hooks"
-_PROBE: torch.Tensor | None = None  # the CPU scalar saved_tensor_hooks_active multiplies (made on first use)
+# the CPU scalar saved_tensor_hooks_active multiplies: made at import, outside any mode (a fake or meta tensor
+# made under a user's tracing mode must not be kept)
+_PROBE = torch.ones((), requires_grad=True)
 _WARNED: weakref.WeakSet = weakref.WeakSet()  # modules already warned about a checkpoint without our context
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # torch's own attributes of every module: never touched
 
@@ -198,13 +200,9 @@ def saved_tensor_hooks_active() -> bool:
     The documented contract of ``torch.autograd.graph.disable_saved_tensors_hooks``: inside it, saving a tensor
     for backward through an active hook raises ``RuntimeError`` with the given message. The probe saves a CPU
     scalar (a multiplication that records its operands), so it launches nothing on an accelerator."""
-    global _PROBE
-    if _PROBE is None:
-        _PROBE = torch.ones((), requires_grad=True)
-    probe = _PROBE
     try:
         with torch.autograd.graph.disable_saved_tensors_hooks(_PROBE_MESSAGE):
-            probe.mul(probe)
+            _PROBE.mul(_PROBE)
     except RuntimeError as error:
         if _PROBE_MESSAGE in str(error):
             return True
