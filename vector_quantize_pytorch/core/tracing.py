@@ -1,8 +1,10 @@
 """Whether the code runs eagerly or is being captured into a graph (compiled, exported, scripted, traced).
 
-Every check of the package goes through these two functions, so the torch versions where a query does not exist
-yet are handled once: ``torch.compiler.is_exporting`` arrived after torch 2.3 (whose ``torch.export`` runs under
-dynamo, so ``torch.compiler.is_compiling()`` is true while exporting there).
+Every export check and every "eager or captured" check of the package goes through these two functions, so the
+torch versions where a query does not exist yet are handled once: ``torch.compiler.is_exporting`` arrived after
+torch 2.3 (whose ``torch.export`` runs under dynamo, so ``torch.compiler.is_compiling()`` is true while exporting
+there). Checks that only ask whether dynamo is tracing call ``torch.compiler.is_compiling()``, which every
+supported torch has.
 """
 
 from __future__ import annotations
