@@ -157,7 +157,7 @@ def test_gather_codes_passes_gradients_to_codes():
 # first_max: blocked row maximum, and the search built on it
 
 
-@pytest.mark.parametrize("num_codes", [1, 7, 255, 256, 300, 1000, 1024, 1030, 8192, 8200])
+@pytest.mark.parametrize("num_codes", [1, 7, 255, 256, 1000, 2048, 2050, 4100, 8192, 8200])
 def test_first_max_equals_max_on_random_rows(num_codes):
     g = torch.Generator().manual_seed(num_codes)
     scores = torch.randn(3, 5, num_codes, generator=g)
@@ -167,7 +167,7 @@ def test_first_max_equals_max_on_random_rows(num_codes):
     assert indices.dtype == torch.int64
 
 
-@pytest.mark.parametrize("num_codes", [256, 333, 1024, 8195])
+@pytest.mark.parametrize("num_codes", [256, 2048, 3333, 8195])
 def test_first_max_ties_go_to_the_lowest_index(num_codes):
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 3, (40, num_codes), generator=g).float()  # every row has its maximum many times
@@ -181,8 +181,8 @@ def test_first_max_ties_go_to_the_lowest_index(num_codes):
 
 
 def test_first_max_treats_nan_as_the_maximum_like_argmax():
-    scores = torch.randn(3, 1000)
-    scores[0, 700] = float("nan")
+    scores = torch.randn(3, 3000)  # blocks of 64
+    scores[0, 2700] = float("nan")
     scores[1, 3] = scores[1, 900] = float("nan")
     expected = scores.max(-1)
     values, indices = first_max(scores)
@@ -190,13 +190,13 @@ def test_first_max_treats_nan_as_the_maximum_like_argmax():
     assert torch.isnan(values[:2]).all() and values[2] == expected.values[2]
 
 
-@pytest.mark.parametrize("max_scores", [2**12, 2**17, 2**18, None])
+@pytest.mark.parametrize("max_scores", [2**12, 2**17, 2**21, 2**23, None])
 def test_nearest_with_blocked_maximum_equals_brute_force(max_scores):
-    # 1500 codes: rows long enough for the blocked maximum; 2^17 and 2^18 split them into code chunks of
-    # 250 and 500 (blocked too), 2^12 into short chunks
-    x, codes = random_problem(c=2, n=300, k=1500, d=4, seed=11)
-    if max_scores == 2**18:
-        assert chunk_sizes(300, 1500, max_scores // 2) == (150, 500)
+    # 5000 codes: rows long enough for the blocked maximum. 2^21 splits them into two code chunks of 2500
+    # (blocked too), 2^23 keeps them whole, 2^12, 2^17 and the CPU default into chunks searched by a plain max
+    x, codes = random_problem(c=2, n=300, k=5000, d=4, seed=11)
+    if max_scores == 2**21:
+        assert chunk_sizes(300, 5000, max_scores // 2) == (300, 2500)
     assert torch.equal(nearest_codes(x, codes, max_scores=max_scores), brute_force_nearest(x, codes))
 
 
