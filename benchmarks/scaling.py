@@ -6,7 +6,7 @@ measured): a training step (forward and backward) and an eval encode of ``Vector
 - against the codebook size ``K = 2^8 .. 2^18`` with 4096 tokens, and
 - against the number of tokens ``N = 2^10 .. 2^16`` with 4096 codes.
 
-Our search holds at most ``SEARCH_CHUNK_SCORES`` scores at once, so once ``N x K`` exceeds it the peak memory
+Our search holds at most ``CPU_POLICY.search_scores`` scores at once, so once ``N x K`` exceeds it the peak memory
 stops growing with ``K`` (what remains is the codebook and its EMA statistics, linear in ``K``, and the
 per-token tensors, linear in ``N``). The reference builds the whole ``N x K`` distance matrix, several times
 in a training step; it is measured only while its previous point stayed under ``--ref-max-mb`` and

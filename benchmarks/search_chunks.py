@@ -1,4 +1,4 @@
-"""How the nearest-code search's chunk budget affects its speed: the measurement behind SEARCH_CHUNK_SCORES.
+"""How the nearest-code search's chunk budget affects its speed: the measurement behind CPU_POLICY.search_scores.
 
 ``nearest_codes`` computes the scores of a chunk of tokens against (a chunk of) the codes with one matrix
 product into a reused buffer, then the row maxima. This script times one call for several problem shapes

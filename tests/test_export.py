@@ -320,8 +320,8 @@ def test_exported_decoder_equals_eager_on_untraced_shapes(case):
             assert torch.equal(decoded[0], outputs[0])
 
 
-# more tokens than one search chunk holds (CPU_POLICY: 2**20 scores, 64 codes -> 16384 tokens)
-MANY_TOKENS = (64, 300)
+# more tokens than one search chunk holds (CPU_POLICY: 2**21 scores, 64 codes -> 32768 tokens)
+MANY_TOKENS = (128, 300)
 
 
 def _search_params():

@@ -58,7 +58,7 @@ class ChunkPolicy:
 
 CPU_POLICY = ChunkPolicy(
     name="cpu",
-    search_scores=2**20,
+    search_scores=2**21,
     logit_scores=2**23,
     norm_values=2**20,
     entropy_codes=2**18,
