@@ -37,8 +37,9 @@ class ChunkPolicy:
         norm_values: code values squared at once when computing code norms.
         entropy_codes: codes (codebooks x codes) of one chunk of LFQ's batch-mean distribution.
         entropy_table: elements of one token chunk's per-bit probability tables in LFQ's exact entropy.
-        blocked_max: find row maxima with a blocked ``amax`` (several cheap operators, about three times
-            faster than ``argmax`` on a CPU) instead of a single ``max`` (one kernel on an accelerator).
+        blocked_max: find the maxima of rows of 2048 codes or more with a blocked ``amax`` (several cheap
+            operators, up to twice as fast as ``max`` on a CPU) instead of a single ``max`` (one kernel on an
+            accelerator); see :func:`~vector_quantize_pytorch.core.search.first_max`.
     """
 
     name: str
