@@ -86,9 +86,9 @@ def method(request, monkeypatch):
     """The tables method with tables (whatever the code size), the tables method estimating from the residual
     product, and the vectors method."""
     if request.param == "tables":
-        monkeypatch.setattr(beam_module, "TABLE_MIN_DIM", 1)
+        monkeypatch.setattr(beam_module, "TABLE_VALUE_COST", 0)
     elif request.param == "tables-product":
-        monkeypatch.setattr(beam_module, "TABLE_MIN_DIM", 10**9)
+        monkeypatch.setattr(beam_module, "TABLE_VALUE_COST", 10**9)
     return "vectors" if request.param == "vectors" else "tables"
 
 
@@ -201,7 +201,7 @@ def test_token_chunks_give_the_same_indices(method):
 
 
 def test_table_budget_past_which_layers_use_the_product(monkeypatch):
-    monkeypatch.setattr(beam_module, "TABLE_MIN_DIM", 1)
+    monkeypatch.setattr(beam_module, "TABLE_VALUE_COST", 0)
     torch.manual_seed(6)
     codes = [torch.randn(128, 8) * 0.6**l for l in range(4)]
     x = torch.randn(64, 8)
@@ -210,6 +210,24 @@ def test_table_budget_past_which_layers_use_the_product(monkeypatch):
         assert torch.equal(beam_search(x, codes, 4, max_scores=budget), expected)
     context = beam_module.search_context(codes, [False] * 4, True, 4, 2**14, 16)
     assert [layer["table"] is None for layer in context["layers"]] == [True, False, False, True]
+
+
+def test_tables_pay_at_the_first_layers_the_more_the_larger_the_dimension():
+    # B (m + 1) 20 <= (B - 1) (d + 1): beam 4, d = 128: 4 (m + 1) 20 <= 387 up to m = 3 (320), not m = 4 (400)
+    assert [m for m in range(12) if beam_module.tables_pay(m, 128, 4)] == [1, 2, 3]
+    assert [m for m in range(12) if beam_module.tables_pay(m, 64, 4)] == [1]  # 160 <= 195 < 240
+    assert [m for m in range(12) if beam_module.tables_pay(m, 256, 4)] == list(range(1, 9))  # 720 <= 771 < 800
+    assert not any(beam_module.tables_pay(m, 32, 4) for m in range(12))  # 160 > 99
+    assert not beam_module.tables_pay(0, 4096, 4)  # layer 0 has no earlier codes
+    assert [m for m in range(12) if beam_module.tables_pay(m, 128, 2)] == [1, 2]  # 2 (m + 1) 20 <= 129
+
+
+def test_search_context_builds_the_tables_that_pay_within_the_budget():
+    codes = [torch.randn(64, 128) for _ in range(6)]
+    context = beam_module.search_context(codes, [False] * 6, True, 4, 2**20, 16)
+    assert [layer["table"] is not None for layer in context["layers"]] == [False, True, True, True, False, False]
+    x = torch.randn(50, 128)
+    assert torch.equal(beam_search(x, codes, 4), reference_beam(x, codes, 4))
 
 
 def test_empty_input_and_single_layer(method):

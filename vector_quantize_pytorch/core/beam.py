@@ -23,13 +23,14 @@ change a choice only if three candidates lie within it.
 - **tables** (Euclidean layers, ``"final"`` or positive weights): half the squared distance of a path's
   residual to a code, ``||r||^2 / 2 + ||c||^2 / 2 - r.c``, for all the ``B K`` (path, code) pairs of a token
   at once, and each token's shortlist among them. ``r.c`` comes from the product of the residuals with the
-  codes (``t B x d x K``; the norms ride along as one more column), or, from ``d >= TABLE_MIN_DIM`` on, from
-  faiss's look-up tables: ``||x - sum_l c_l||^2`` expands into ``||x||^2 - 2 sum_l x.c_l + sum_l ||c_l||^2 +
+  codes (``t B x d x K``; the norms ride along as one more column), or, at the first layers (:func:`tables_pay`),
+  from faiss's look-up tables: ``||x - sum_l c_l||^2`` expands into ``||x||^2 - 2 sum_l x.c_l + sum_l ||c_l||^2 +
   2 sum_{l<m} c_l.c_m``, so ``r.c = x.c - sum_{l<m} c_l.c``, with the inner products of the earlier layers'
   codes with this layer's in a table (``(K_0 + ... + K_{m-1}) x K_m``, built once per call): one ``t x d x K``
   product shared by the ``B`` paths of a token and ``m`` table rows summed per path (one ``embedding_bag``).
-  On a CPU the product is the faster of the two below ``d = 256`` (it runs at the matrix unit's speed, the
-  table rows at the memory's); a table past the budget falls back to the product too.
+  The product runs at the matrix unit's speed, the table rows at the memory's, and a path sums one more row
+  at every layer: the tables pay at the first layers only (for a beam of 4: 3 at d = 128, 8 at d = 256);
+  a table past the budget falls back to the product too.
 - **vectors** (cosine-similarity layers, ``"sum"`` with a weight that is not positive): each path's
   candidates by the distance logits of its residual (l2-normalised on a cosine layer) to every code, as
   :func:`~vector_quantize_pytorch.core.search.distance_logits` computes them: a shortlist of each path's
@@ -69,10 +70,13 @@ BEAM_BUDGET_FRACTION = 4
 # enough for 8 layers of 1024 codes); later layers estimate from the residuals.
 TABLE_BUDGET_FACTOR = 4
 
-# From this code size on, x.c and table rows estimate faster than the product with the residuals, tables built
-# in every call included (5000 tokens, 4 layers of 1024 codes, beam 4, 1 CPU core: the product 3% faster at
-# d = 128, the tables 18% at d = 256, 20% at d = 512; with 8 layers the product 12% faster at d = 128).
-TABLE_MIN_DIM = 256
+# What summing one table value costs, in multiply-adds of the product with the residuals (see tables_pay). Fitted
+# on one CPU core, 5000 tokens, beam 4, 4 and 8 layers of 1024 codes, timing every cut-off layer: the fastest
+# cut-off was layer 1 at d = 64 and layer 3 or 4 at d = 128, and tables at every layer were 18-20% faster at
+# d = 256 and 512 with 4 layers. Every value from 17 to 24 gives these cut-offs; 20 sits in the middle. On the
+# trained codebooks of benchmarks/faiss_compare.py this is 10% faster than no tables at d = 128 with 4 layers,
+# 0-2% with 8 layers and at d = 64 (one thread, fresh processes, medians of 4 alternating rounds).
+TABLE_VALUE_COST = 20
 
 # Candidates per token (tables) or per path (vectors) scored exactly beyond the ones kept.
 SHORTLIST_MARGIN = 2
@@ -392,8 +396,9 @@ def search_context(codes: Sequence[Tensor], cosine: Sequence[bool], use_tables: 
     starts = [0]
     for book in codes[:-1]:
         starts.append(starts[-1] + book.shape[0])
-    budget = max_scores * TABLE_BUDGET_FACTOR if codes[0].shape[1] >= TABLE_MIN_DIM else 0
-    tables = cross_tables(codes, [layer["stored"] for layer in layers], budget, chunk)
+    paying = [tables_pay(m, codes[0].shape[1], beam_size) for m in range(len(codes))]
+    tables = cross_tables(codes, [layer["stored"] for layer in layers], max_scores * TABLE_BUDGET_FACTOR, chunk,
+                          paying)  # fmt: skip
     for m, layer in enumerate(layers):
         offsets = torch.tensor(starts[:m], dtype=torch.long, device=codes[0].device)
         layer.update(table=tables[m], offsets=offsets, earlier=starts[m])
@@ -401,10 +406,22 @@ def search_context(codes: Sequence[Tensor], cosine: Sequence[bool], use_tables: 
     return context
 
 
-def cross_tables(codes: Sequence[Tensor], stored: Sequence[Tensor], max_values: int, spare: int) -> list:
-    """For every layer ``m``, the inner products of the codes of the layers before it with its codes (in the
-    order of ``stored``), followed by ``spare`` rows left for the caller, while all the tables so far hold at
-    most ``max_values`` values (None for the first layer and past the budget).
+def tables_pay(layer: int, dim: int, beam_size: int) -> bool:
+    """Whether layer ``m`` of a beam of ``B`` paths estimates faster from tables than from the product with the
+    residuals. Per token and code, the product takes ``B (d + 1)`` multiply-adds; the tables take the ``d``
+    of the token's ``x.c`` and sum ``m + 1`` values per path (``m`` table rows and ``x.c``), each costing about
+    ``TABLE_VALUE_COST`` multiply-adds: tables pay while ``B (m + 1) TABLE_VALUE_COST <= (B - 1) (d + 1)``, so
+    for the first layers only, the more of them the larger ``d``. Layer 0 has no earlier codes, hence no table.
+    """
+    return layer >= 1 and beam_size * (layer + 1) * TABLE_VALUE_COST <= (beam_size - 1) * (dim + 1)
+
+
+def cross_tables(codes: Sequence[Tensor], stored: Sequence[Tensor], max_values: int, spare: int,
+                 paying: Sequence[bool] | None = None) -> list:  # fmt: skip
+    """For every layer ``m`` for which ``paying`` says so (default: all), the inner products of the codes of
+    the layers before it with its codes (in the order of ``stored``), followed by ``spare`` rows left for the
+    caller, while all the tables so far hold at most ``max_values`` values (None for the first layer, the
+    layers that do not pay and past the budget).
 
     Shape:
         - codes: ``q`` tensors ``(K_l, d)``, stored: ``q`` tensors ``(P_l, d)``
@@ -413,6 +430,9 @@ def cross_tables(codes: Sequence[Tensor], stored: Sequence[Tensor], max_values: 
     """
     tables, used = [None], 0
     for m in range(1, len(codes)):
+        if paying is not None and not paying[m]:
+            tables.append(None)
+            continue
         earlier = sum(c.shape[0] for c in codes[:m])
         used += (earlier + spare) * stored[m].shape[0]
         if used > max_values:
