@@ -417,8 +417,8 @@ def tables_pay(layer: int, dim: int, beam_size: int) -> bool:
 
 
 def cross_tables(codes: Sequence[Tensor], stored: Sequence[Tensor], max_values: int, spare: int,
-                 paying: Sequence[bool] | None = None) -> list:  # fmt: skip
-    """For every layer ``m`` for which ``paying`` says so (default: all), the inner products of the codes of
+                 paying: Sequence[bool]) -> list:  # fmt: skip
+    """For every layer ``m`` for which ``paying[m]`` is true, the inner products of the codes of
     the layers before it with its codes (in the order of ``stored``), followed by ``spare`` rows left for the
     caller, while all the tables so far hold at most ``max_values`` values (None for the first layer, the
     layers that do not pay and past the budget).
@@ -430,7 +430,7 @@ def cross_tables(codes: Sequence[Tensor], stored: Sequence[Tensor], max_values: 
     """
     tables, used = [None], 0
     for m in range(1, len(codes)):
-        if paying is not None and not paying[m]:
+        if not paying[m]:
             tables.append(None)
             continue
         earlier = sum(c.shape[0] for c in codes[:m])
