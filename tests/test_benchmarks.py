@@ -73,6 +73,14 @@ def test_search_chunks_prints_one_row_per_shape(tmp_path):
     assert len(rows) == 2 and all(len(row.split("|")) == 5 for row in rows)
 
 
+def test_search_floor_times_every_kernel_and_finds_the_same_indices(tmp_path):
+    done = _run_script("search_floor.py", "--shapes", "64x32x8", "--rounds", "1", "--repeats", "1", cwd=tmp_path)
+    rows = {line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+    kernels = {"nearest_codes", "addmm", "mm", "max", "amax", "addmm + max"}
+    assert kernels <= rows and rows - kernels <= {"kernel", "faiss"}
+    assert "identical indices: nearest_codes, addmm + max" in done.stdout
+
+
 @pytest.mark.slow  # about a minute of CPU
 def test_scaling_reuses_reference_points_from_an_earlier_run(tmp_path):
     sizes = ["--min-log2-codes", "4", "--max-log2-codes", "5", "--min-log2-tokens", "4", "--max-log2-tokens", "5"]
